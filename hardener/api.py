@@ -1,0 +1,130 @@
+"""The Python API: ``harden(model, output, config)``, mirroring ONNX Runtime's quantizer.
+
+    from hardener import HardenConfig, harden
+    result = harden("model.onnx", "model.hardened.onnx", HardenConfig(layers=["body.3.conv2"]))
+    print(result.summary)
+
+The CLI (``harden``) is a thin layer over this module.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .asvp import AsvpParams
+from .errors import FidelityError, InvalidModelError
+from .inputs import DataReader, open_inputs
+from .layers import LayerIndex
+from .model_io import check_output_path, load_model, save_model, sha256_file
+from .report import SCHEMA, summary, versions, write_json
+from .rewrite import insert_asvp
+from .validate import Budgets, make_session, resolve_providers, validate
+
+
+@dataclass
+class HardenConfig:
+    layers: list[str]
+    params: AsvpParams = field(default_factory=AsvpParams)
+    placement: str = "inline"
+    validate: bool = True
+    budgets: Budgets = field(default_factory=Budgets)
+    providers: list[str] | None = None  # None: CUDA if this onnxruntime has it, else CPU
+    tf32: bool = False
+    scrub_paths: bool = True
+    force: bool = False
+
+
+@dataclass
+class HardenResult:
+    output: Path
+    report: dict
+    summary: str
+
+    @property
+    def passed(self) -> bool:
+        return self.report["status"] == "PASSED"
+
+
+def harden(
+    model_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: HardenConfig,
+    data_reader: DataReader | None = None,
+    report_path: str | os.PathLike | None = None,
+    progress: bool = False,
+    raise_on_failure: bool = False,
+) -> HardenResult:
+    """Insert ASVP after the selected layers, write the model atomically, validate, report.
+
+    ``data_reader`` supplies validation feeds (``get_next() -> dict | None``); by default seeded synthetic
+    inputs.  With ``raise_on_failure`` a failed budget raises ``FidelityError`` after everything is written.
+    """
+    output = Path(output_path)
+    loaded = load_model(model_path)
+    check_output_path(loaded.path, output, config.force)
+    config.params.check()
+    providers = resolve_providers(config.providers) if config.validate else []
+    index = LayerIndex(loaded.model)
+    selections = index.select(config.layers)
+    hardened, insertions = insert_asvp(loaded.model, loaded.opset, selections, config.params,
+                                       config.placement, loaded.sha256, scrub=config.scrub_paths)
+    written = save_model(hardened, output, loaded)
+    try:
+        onnx.checker.check_model(str(output), full_check=True)
+        make_session(output, ["CPUExecutionProvider"], tf32=False)
+    except Exception as exc:  # noqa: BLE001 - a model we wrote that fails checks is our bug: remove it
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise InvalidModelError(f"internal error: the hardened model failed its checks ({exc})") from None
+
+    report = {
+        "schema": SCHEMA,
+        "versions": versions(),
+        "model": {"path": str(loaded.path), "sha256": loaded.sha256, "opset": loaded.opset,
+                  "ir_version": loaded.model.ir_version, "external_data": loaded.external_files},
+        "output": {"path": str(output), "sha256": sha256_file(output),
+                   "files": [str(p) for p in written]},
+        "config": {"layers": config.layers, "placement": config.placement, "params": asdict(config.params),
+                   "budgets": asdict(config.budgets), "scrub_paths": config.scrub_paths},
+        "insertions": [asdict(i) for i in insertions],
+        "validation": None,
+        "failures": [],
+    }
+    if config.validate:
+        reader = data_reader or open_inputs(None, loaded.model, seed=config.params.seed)
+        bar = _progress_bar(reader, progress)
+        try:
+            result = validate(loaded.path, output, hardened, insertions, config.params, reader,
+                              config.budgets, providers, config.tf32, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        report["validation"] = {"providers": result.providers, "tf32": result.tf32, "samples": result.samples,
+                                "outputs": result.outputs, "layers": result.layers}
+        report["failures"] = result.failures
+    report["status"] = "FAILED" if report["failures"] else "PASSED"
+    report["exit_code"] = FidelityError.exit_code if report["failures"] else 0
+    report_file = Path(report_path) if report_path else output.with_name(output.name + ".report.json")
+    report["report_path"] = str(report_file)
+    write_json(report, report_file)
+    text = summary(report)
+    if raise_on_failure and report["failures"]:
+        raise FidelityError(text)
+    return HardenResult(output, report, text)
+
+
+def _progress_bar(reader, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    total = len(reader) if hasattr(reader, "__len__") else None
+    return tqdm(total=total, desc="validating", unit="input", leave=False)
+
+
+def find_layers(model_path: str | os.PathLike) -> list:
+    """Every 4D float feature map of the model, for ``harden --list-layers``."""
+    return LayerIndex(load_model(model_path).model).feature_layers()
