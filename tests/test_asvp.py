@@ -1,0 +1,136 @@
+"""The ONNX ASVP subgraph against the float64 torch.linalg.svd reference, and its numerical safety."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from hardener.asvp import AsvpParams, standalone_model
+from hardener.reference import asvp_reference, relative_error, spectral_gap
+
+from conftest import run_model
+
+GAP = 0.8
+TOL = 1e-4
+
+
+def asvp_onnx(x: np.ndarray, params: AsvpParams, opset: int = 18, elem_type=TensorProto.FLOAT) -> np.ndarray:
+    model = standalone_model(params, opset=opset, elem_type=elem_type)
+    onnx.checker.check_model(model, full_check=True)
+    return run_model(model, {"x": x})[0]
+
+
+def per_matrix_errors(y, x, params):
+    """Relative error per matrix (per sample in channel mode, per sample and channel in spatial mode)."""
+    ref = asvp_reference(x, params)
+    gap = spectral_gap(ref.singular_values, params.rank)
+    errors = np.zeros(gap.shape)
+    for idx in np.ndindex(gap.shape):
+        errors[idx] = relative_error(y[idx], ref.output[idx], x[idx])
+    return errors, gap
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_matches_svd_reference_on_real_features(teacher_features, mode, rank):
+    params = AsvpParams(rank=rank, gain=2.0, mode=mode)
+    checked = 0
+    for name, x in teacher_features.items():
+        errors, gap = per_matrix_errors(asvp_onnx(x, params), x, params)
+        ok = gap <= GAP
+        checked += int(ok.sum())
+        assert np.all(errors[ok] <= TOL), (name, errors[ok].max(), gap[ok])
+    assert checked > 0, "no matrix with a usable spectral gap: the test would check nothing"
+
+
+def test_real_features_have_structure(teacher_features):
+    """The check above is meaningful only if real features have a decaying spectrum (not noise)."""
+    x = next(iter(teacher_features.values()))
+    s = asvp_reference(x, AsvpParams(rank=1)).singular_values
+    assert np.all(s[:, 0] > 3 * s[:, 4])
+
+
+@pytest.mark.parametrize("energy", [0.3, 0.6, 0.9])
+def test_adaptive_rank_matches_reference(teacher_features, energy):
+    params = AsvpParams(rank=4, gain=1.5, adaptive_energy=energy)
+    x = teacher_features["body.1.conv2"]
+    ref = asvp_reference(x, params)
+    y = asvp_onnx(x, params)
+    assert relative_error(y, ref.output, x) <= 1e-3
+    if energy == 0.3:
+        assert ref.ranks.max() < 4  # the adaptive mask really removed columns
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-10, 1.0, 1e10, 1e30])
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_any_finite_scale_is_perturbed_exactly(teacher_features, scale, mode):
+    params = AsvpParams(rank=1, gain=2.0, mode=mode)
+    base = teacher_features["body.0.conv2"][:1]
+    x = (base.astype(np.float64) * scale).astype(np.float32)
+    y = asvp_onnx(x, params)
+    assert np.all(np.isfinite(y))
+    assert not np.allclose(y, x, rtol=1e-3, atol=0), "silent no-op"
+    errors, gap = per_matrix_errors(y, x, params)
+    ok = gap <= GAP
+    assert ok.any() and errors[ok].max() <= 1e-3
+
+
+def test_all_zero_map_is_unchanged():
+    x = np.zeros((2, 8, 5, 7), np.float32)
+    for mode in ("channel", "spatial"):
+        y = asvp_onnx(x, AsvpParams(rank=4, mode=mode))
+        assert np.array_equal(y, x)
+
+
+def test_rank_deficient_map_amplifies_only_existing_directions():
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=(1, 16, 2)), rng.normal(size=(1, 2, 64))
+    x = (u @ v).reshape(1, 16, 8, 8).astype(np.float32)  # rank 2, k = 4
+    params = AsvpParams(rank=4, gain=3.0)
+    y = asvp_onnx(x, params)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, 3.0 * x, rtol=1e-4, atol=1e-5 * np.abs(x).max())
+
+
+def test_gain_one_is_identity(teacher_features):
+    x = teacher_features["body.2.conv2"]
+    y = asvp_onnx(x, AsvpParams(rank=4, gain=1.0))
+    np.testing.assert_allclose(y, x, rtol=0, atol=1e-6 * np.abs(x).max())
+
+
+def test_fp16_maps_are_computed_in_fp32(teacher_features):
+    params = AsvpParams(rank=2, gain=1.5)
+    x = teacher_features["body.1.conv2"][:2].astype(np.float16)
+    model = standalone_model(params, elem_type=TensorProto.FLOAT16)
+    assert any(n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT for n in model.graph.node)
+    y = run_model(model, {"x": x})[0]
+    assert y.dtype == np.float16 and np.all(np.isfinite(y))
+    ref = asvp_reference(x.astype(np.float32), params).output
+    assert relative_error(y.astype(np.float64), ref, x.astype(np.float64)) < 5e-3
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18, 21])
+def test_every_supported_opset_builds_the_same_function(teacher_features, opset):
+    x = teacher_features["body.0.conv2"][:1]
+    params = AsvpParams(rank=2, gain=2.0)
+    np.testing.assert_allclose(asvp_onnx(x, params, opset=opset), asvp_onnx(x, params, opset=18),
+                               rtol=1e-6, atol=1e-6 * np.abs(x).max())
+
+
+def test_start_block_is_seeded():
+    a = standalone_model(AsvpParams(seed=1)).SerializeToString()
+    assert a == standalone_model(AsvpParams(seed=1)).SerializeToString()
+    assert a != standalone_model(AsvpParams(seed=2)).SerializeToString()
+
+
+def test_one_by_one_and_single_channel_maps():
+    rng = np.random.default_rng(1)
+    for shape in [(2, 8, 1, 1), (2, 1, 6, 5), (1, 1, 1, 1)]:
+        x = rng.normal(size=shape).astype(np.float32)
+        for mode in ("channel", "spatial"):
+            params = AsvpParams(rank=2, gain=2.0, mode=mode)
+            y = asvp_onnx(x, params)
+            assert np.all(np.isfinite(y))
+            errors, gap = per_matrix_errors(y, x, params)
+            assert np.all(errors[gap <= GAP] <= TOL), (shape, mode, errors, gap)
