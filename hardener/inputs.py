@@ -70,7 +70,7 @@ def synthetic_reader(inputs: list[ModelInput], count: int, seed: int, size: int 
     return _ListReader(feeds)
 
 
-def npz_reader(path: Path, inputs: list[ModelInput]) -> _ListReader:
+def npz_reader(path: Path, inputs: list[ModelInput], limit: int | None = None) -> _ListReader:
     try:
         data = dict(np.load(path, allow_pickle=False))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
@@ -81,7 +81,7 @@ def npz_reader(path: Path, inputs: list[ModelInput]) -> _ListReader:
     counts = {len(a) for a in data.values()}
     if len(counts) != 1:
         raise UsageError(f"arrays in {path} disagree on the number of samples: {sorted(counts)}")
-    n = counts.pop()
+    n = min(counts.pop(), limit or 2**62)
     by_name = {i.name: i for i in inputs}
     feeds = []
     for s in range(n):
@@ -168,5 +168,5 @@ def open_inputs(source: str | None, model: onnx.ModelProto, *, truth: str | None
     if path.is_file():
         if truth is not None:
             raise UsageError("--truth goes with an image folder; put truth:<output> arrays in the .npz")
-        return npz_reader(path, inputs)
+        return npz_reader(path, inputs, limit)
     raise UsageError(f"validation inputs not found: {source}")

@@ -12,7 +12,7 @@ network access:
 
 Typical use (from the repository root)::
 
-    python scripts/train_teacher.py --steps 3000 --seed 0
+    python scripts/train_teacher.py --steps 2000 --seed 0 --device cpu
 
 Degradation model (used for training, evaluation and the samples):
 HR is a float RGB image in [0, 1] with even height and width;
@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
+import logging
 import math
 import os
 import platform
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -398,6 +399,10 @@ def export_bytes(model: SRx2) -> bytes:
     import onnx
     from torch.export import Dim
 
+    # Quiet, harmless exporter noise ("torchvision is not installed", LeafSpec).
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
     model = model.cpu().eval()
     x = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(0))
     dyn = {"x": {0: Dim("batch", min=1, max=1024), 2: Dim("height", min=4, max=8192), 3: Dim("width", min=4, max=8192)}}
@@ -600,7 +605,7 @@ Names: {', '.join(TEST_PHOTOS)}.
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "hardener/assets/sr_x2.onnx")
     p.add_argument("--samples-dir", type=Path, default=REPO_ROOT / "hardener/assets/samples")

@@ -1,0 +1,607 @@
+"""Bad and edge input for the ``harden`` CLI: documented exit codes, one clear message, never a traceback.
+
+Exit codes (shared/design/CONVENTIONS.md): 0 ok; 1 fidelity budget failed; 2 usage error (a selector that
+matches nothing included); 3 required execution provider unavailable; 4 invalid model or internal error.
+
+Every model here is a tiny graph built with ``onnx.helper`` (seeded numpy weights) and written under
+``tmp_path``; the CLI runs in a subprocess through its console entry point.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ENTRY = "from hardener.cli import entry; entry()"
+IR_FOR_OPSET = {11: 6, 13: 7, 17: 8, 21: 10}
+INSERTED_PREFIX = "hardener/asvp"
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ENTRY, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def error_line(res: subprocess.CompletedProcess) -> str:
+    """The single error line on stderr ('error: ...' from hardener, 'Error: ...' from click)."""
+    lines = [l for l in res.stderr.splitlines() if l.lower().startswith(("error:", "internal error:"))]
+    assert len(lines) == 1, f"expected exactly one error line on stderr, got:\n{res.stderr}"
+    return lines[0]
+
+
+def assert_fails(res: subprocess.CompletedProcess, code: int, *words: str, internal_ok: bool = False) -> str:
+    """Exit ``code``, no traceback, one error line naming the problem (every word, case-insensitive)."""
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out, out
+    assert res.returncode == code, f"exit {res.returncode}, expected {code}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    line = error_line(res)
+    if not internal_ok:
+        assert not line.startswith("internal error"), f"unhandled exception reported as internal error: {line}"
+    for word in words:
+        alternatives = word if isinstance(word, tuple) else (word,)
+        assert any(w.lower() in line.lower() for w in alternatives), f"{alternatives} not in: {line}"
+    return line
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _weights(rng, c_out, c_in, k, dtype):
+    w = (rng.standard_normal((c_out, c_in, k, k)) * (1.0 / np.sqrt(c_in * k * k))).astype(dtype)
+    b = (rng.standard_normal(c_out) * 0.05).astype(dtype)
+    return w, b
+
+
+def conv(name, x, y, w_name, rng, c_out, c_in, k, dtype, inits):
+    w, b = _weights(rng, c_out, c_in, k, dtype)
+    inits += [numpy_helper.from_array(w, w_name), numpy_helper.from_array(b, w_name.replace("weight", "bias"))]
+    return helper.make_node("Conv", [x, w_name, w_name.replace("weight", "bias")], [y], name=name,
+                            kernel_shape=[k, k], pads=[k // 2] * 4)
+
+
+def make(nodes, inits, inputs, outputs, opset=17, ir_version=None, extra_opsets=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
+    opsets = [helper.make_opsetid("", opset), *extra_opsets]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="test_bad_input")
+    model.ir_version = ir_version or IR_FOR_OPSET.get(opset, 8)
+    return model
+
+
+def chain_model(shape=(1, 3, 16, 16), mid=4, opset=17, dtype=np.float32, relu_names=("relu_0",), seed=0):
+    """x -> Conv conv_0 -> f0 -> Relu(s) -> ... -> Conv conv_final -> y (the graph output)."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w = shape
+    k = 3 if h > 1 and w > 1 else 1
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits: list = []
+    nodes = [conv("conv_0", "x", "f0", "conv_0.weight", rng, mid, c, k, dtype, inits)]
+    prev = "f0"
+    for i, name in enumerate(relu_names):
+        out = f"r{i}"
+        nodes.append(helper.make_node("Relu", [prev], [out], name=name))
+        prev = out
+    nodes.append(conv("conv_final", prev, "y", "conv_final.weight", rng, c, mid, k, dtype, inits))
+    return make(nodes, inits, [helper.make_tensor_value_info("x", et, list(shape))],
+                [helper.make_tensor_value_info("y", et, list(shape))], opset=opset)
+
+
+def save(model, path: Path, **kw) -> Path:
+    onnx.save(model, str(path), **kw)
+    return path
+
+
+@pytest.fixture
+def chain(tmp_path) -> Path:
+    return save(chain_model(), tmp_path / "chain.onnx")
+
+
+def run_ort(path: Path, feed: dict) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def rand_input(shape, dtype=np.float32, seed=1):
+    return np.random.default_rng(seed).random(shape).astype(dtype)
+
+
+# -- 1-6: unreadable model files ------------------------------------------------------------------------------
+def test_missing_model_file(tmp_path):
+    res = run_cli(tmp_path / "nope.onnx", "--layers", "op:Conv")
+    assert_fails(res, 2, "not found", "nope.onnx")
+
+
+def test_folder_as_model(tmp_path):
+    folder = tmp_path / "model_dir.onnx"
+    folder.mkdir()
+    res = run_cli(folder, "--layers", "op:Conv")
+    assert_fails(res, 2, ("folder", "directory"), "model_dir.onnx")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    res = run_cli(path, "--layers", "op:Conv")
+    assert_fails(res, 4, "empty", "empty.onnx")
+
+
+def test_corrupt_random_bytes(tmp_path):
+    path = tmp_path / "corrupt.onnx"
+    path.write_bytes(np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    res = run_cli(path, "--layers", "op:Conv")
+    assert_fails(res, 4, "corrupt", "corrupt.onnx")
+
+
+def test_truncated_model(tmp_path):
+    full = save(chain_model(), tmp_path / "full.onnx").read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(full[: len(full) // 2])
+    res = run_cli(path, "--layers", "op:Conv")
+    assert_fails(res, 4, "truncated.onnx", ("truncated", "corrupt"))
+
+
+def test_text_file_named_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is not a model\njust some text\n")
+    res = run_cli(path, "--layers", "op:Conv")
+    assert_fails(res, 4, "notes.onnx", ("not onnx", "corrupt"))
+
+
+def test_model_failing_the_checker(tmp_path):
+    model = chain_model()
+    model.graph.node[1].input[0] = "ghost_tensor"  # Relu reads a tensor nobody produces
+    path = save(model, tmp_path / "invalid.onnx")
+    res = run_cli(path, "--layers", "op:Conv")
+    assert_fails(res, 4, "not a valid onnx model", "ghost_tensor")
+
+
+# -- 7-12, 29: selectors ---------------------------------------------------------------------------------------
+def test_node_selector_typo_lists_near_misses(chain):
+    res = run_cli(chain, "--layers", "node:conv_1")
+    assert_fails(res, 2, "node:conv_1", "matched nothing", "near misses", "conv_0")
+
+
+def test_op_selector_typo_lists_near_misses(chain):
+    res = run_cli(chain, "--layers", "op:Convv")
+    assert_fails(res, 2, "op:Convv", "matched nothing", "Conv")
+
+
+def test_empty_selector(chain):
+    res = run_cli(chain, "--layers", "  ")
+    assert_fails(res, 2, "empty", "selector")
+
+
+def scoped_model() -> onnx.ModelProto:
+    """Nodes with TorchScript-style scoped names, so module paths exist: body.0.conv, body.0.act, tail."""
+    model = chain_model()
+    names = {"conv_0": "/body/body.0/conv/Conv", "relu_0": "/body/body.0/act/Relu", "conv_final": "/tail/Conv"}
+    for node in model.graph.node:
+        node.name = names[node.name]
+    return model
+
+
+def test_regex_selector_matching_nothing(tmp_path):
+    path = save(scoped_model(), tmp_path / "scoped.onnx")
+    res = run_cli(path, "--layers", r"re:head\.\d+\.conv")
+    assert_fails(res, 2, r"re:head\.\d+\.conv", "matched nothing")
+
+
+def test_module_path_typo_lists_near_misses(tmp_path):
+    path = save(scoped_model(), tmp_path / "scoped.onnx")
+    res = run_cli(path, "--layers", "body.0.conv2")
+    assert_fails(res, 2, "body.0.conv2", "matched nothing", "body.0.conv")
+
+
+def test_invalid_regex(chain):
+    res = run_cli(chain, "--layers", "re:(")
+    assert_fails(res, 2, "re:(", "invalid regular expression")
+
+
+def test_tensor_selector_naming_an_initializer(chain):
+    res = run_cli(chain, "--layers", "tensor:conv_0.weight")
+    assert_fails(res, 2, "conv_0.weight", ("initializer", "weight", "constant"))
+    line = error_line(res)
+    assert "initializer" in line.lower() or "not a feature map" in line.lower(), (
+        f"message should say the tensor is an initializer (a weight), not that nothing matched: {line}")
+
+
+def flatten_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits: list = []
+    nodes = [conv("conv_0", "x", "f0", "conv_0.weight", rng, 4, 3, 3, np.float32, inits),
+             helper.make_node("Flatten", ["f0"], ["flat_out"], name="flat", axis=1)]
+    return make(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                [helper.make_tensor_value_info("flat_out", TensorProto.FLOAT, [1, 1024])])
+
+
+@pytest.mark.parametrize("selector", ["node:flat", "tensor:flat_out"])
+def test_non_4d_tensor(tmp_path, selector):
+    path = save(flatten_model(), tmp_path / "flat.onnx")
+    res = run_cli(path, "--layers", selector)
+    assert_fails(res, 2, selector, "1x1024", "4D")
+
+
+def test_ambiguous_node_name(tmp_path):
+    path = save(chain_model(relu_names=("dup", "dup")), tmp_path / "dup.onnx")
+    res = run_cli(path, "--layers", "node:dup")
+    assert_fails(res, 2, "node:dup", "ambiguous", "tensor:")
+
+
+def split_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits: list = []
+    nodes = [conv("conv_0", "x", "f0", "conv_0.weight", rng, 4, 3, 3, np.float32, inits),
+             helper.make_node("Split", ["f0"], ["s0", "s1"], name="split_0", axis=1),
+             helper.make_node("Add", ["s0", "s1"], ["y"], name="add_0")]
+    return make(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 16, 16])])
+
+
+def test_node_with_two_outputs(tmp_path):
+    path = save(split_model(), tmp_path / "split.onnx")
+    res = run_cli(path, "--layers", "node:split_0")
+    assert_fails(res, 2, "node:split_0", "2 outputs", "s0", "s1")
+
+
+@pytest.mark.parametrize("selector", ["body.0.conv", "body.*.conv"])
+def test_module_path_on_model_without_module_paths(chain, selector):
+    res = run_cli(chain, "--layers", selector)
+    assert_fails(res, 2, selector, "no module paths", "node:", "tensor:", "op:")
+
+
+def int_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits: list = []
+    nodes = [conv("conv_0", "x", "f0", "conv_0.weight", rng, 4, 3, 3, np.float32, inits),
+             helper.make_node("Cast", ["f0"], ["f0_int"], name="to_int", to=TensorProto.INT64),
+             helper.make_node("Relu", ["f0"], ["y"], name="relu_0")]
+    return make(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16]),
+                 helper.make_tensor_value_info("f0_int", TensorProto.INT64, [1, 4, 16, 16])])
+
+
+@pytest.mark.parametrize("selector, words", [
+    ("tensor:f0_int", ("f0_int", "INT64", "float")),
+    ("node:to_int", ("f0_int", "INT64", "float")),
+    ("op:Cast", ("op:Cast", "4D float")),
+])
+def test_non_float_4d_tensor(tmp_path, selector, words):
+    path = save(int_model(), tmp_path / "int.onnx")
+    res = run_cli(path, "--layers", selector)
+    assert_fails(res, 2, *words)
+
+
+# -- 13-18, 22, 25, 28: runs that must succeed -----------------------------------------------------------------------
+# Each successful run costs about 3 s (most of it `import torch` inside hardener), so every run that must succeed is
+# started by one module fixture, as many at a time as there are CPU cores; each test then checks its own run.
+@dataclass
+class OkRun:
+    model: Path
+    out: Path
+    res: subprocess.CompletedProcess
+    input_untouched: bool
+
+    def check(self) -> None:
+        """Exit 0, PASSED, no traceback, and the input model (and its data) byte-identical (case 28)."""
+        out = self.res.stdout + self.res.stderr
+        assert "Traceback" not in out, out
+        assert self.res.returncode == 0, \
+            f"exit {self.res.returncode}\nstdout:\n{self.res.stdout}\nstderr:\n{self.res.stderr}"
+        assert "PASSED" in self.res.stdout, self.res.stdout
+        assert self.input_untouched, f"input model {self.model} was modified"
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p: (sha256(p), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _ok_run(model: Path, out: Path, args: list) -> OkRun:
+    """Run the CLI; the model's folder (model and any external data) must come out byte-identical."""
+    before = _snapshot(model.parent)
+    res = run_cli(model, *args, "-o", out)
+    return OkRun(model, out, res, _snapshot(model.parent) == before)
+
+
+def external_model(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ext.onnx"
+    onnx.save(chain_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    assert (folder / "ext.onnx.data").is_file()
+    return path
+
+
+DUP_SOURCE = chain_model(relu_names=("dup", "dup"))  # two Relu nodes named 'dup' on different tensors
+
+
+@pytest.fixture(scope="module")
+def ok_runs(tmp_path_factory) -> dict[str, OkRun]:
+    root = tmp_path_factory.mktemp("ok_runs")
+    jobs = {}
+
+    def job(name, model, *args, out_name="out.onnx"):
+        folder = root / name  # the model in folder/src, the output in folder
+        (folder / "src").mkdir(parents=True, exist_ok=True)
+        if not isinstance(model, Path):
+            model = save(model, folder / "src" / "model.onnx")
+        jobs[name] = (model, folder / out_name, list(args))
+        return folder
+
+    no_budgets = "--no-budgets"
+    job("graph_output", chain_model(), "--layers", "tensor:y", no_budgets)
+    job("pixel_1x1", chain_model(shape=(1, 8, 1, 1), mid=8), "--layers", "node:conv_0", no_budgets)
+    for mode in ("channel", "spatial"):
+        job(f"c1_{mode}", chain_model(shape=(1, 1, 16, 16), mid=1), "--layers", "node:conv_0", "--mode", mode,
+            no_budgets)
+    job("fp16", chain_model(dtype=np.float16), "--layers", "node:conv_0", "--gain", "1.0", no_budgets)
+    job("external", external_model(root / "external" / "src"), "--layers", "node:conv_0", no_budgets,
+        out_name="hard.onnx")
+    for opset in (13, 21):
+        job(f"opset{opset}", chain_model(opset=opset), "--layers", "node:conv_0", no_budgets)
+    job("dup", DUP_SOURCE, "--layers", "tensor:r0", "--layers", "tensor:r1", no_budgets)
+    folder = job("force", chain_model(), "--layers", "node:conv_0", "--no-validate", "--force")
+    (folder / "out.onnx").write_bytes(b"precious")
+    job("once", chain_model(), "--layers", "node:conv_0", "--no-validate")
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {name: pool.submit(_ok_run, *spec) for name, spec in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def test_graph_output_tensor_is_hardened_in_place(ok_runs):
+    run = ok_runs["graph_output"]
+    run.check()
+    hardened = onnx.load(str(run.out))
+    assert [o.name for o in hardened.graph.output] == ["y"]
+    assert any(n.name.startswith(INSERTED_PREFIX) for n in hardened.graph.node)
+    (y,) = run_ort(run.out, {"x": rand_input((1, 3, 16, 16))})
+    assert y.shape == (1, 3, 16, 16) and np.isfinite(y).all()
+
+
+def test_1x1_spatial_maps(ok_runs):
+    run = ok_runs["pixel_1x1"]
+    run.check()
+    (y,) = run_ort(run.out, {"x": rand_input((1, 8, 1, 1))})
+    assert y.shape == (1, 8, 1, 1) and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_single_channel_feature_map(ok_runs, mode):
+    run = ok_runs[f"c1_{mode}"]
+    run.check()
+    (y,) = run_ort(run.out, {"x": rand_input((1, 1, 16, 16))})
+    assert y.shape == (1, 1, 16, 16) and np.isfinite(y).all()
+
+
+def test_fp16_model_identity_gain(ok_runs):
+    run = ok_runs["fp16"]
+    run.check()
+    hardened = onnx.load(str(run.out))
+    inserted = [n for n in hardened.graph.node if n.name.startswith(INSERTED_PREFIX)]
+    casts_to_float = [n for n in inserted if n.op_type == "Cast"
+                      and helper.get_attribute_value(n.attribute[0]) == TensorProto.FLOAT]
+    assert casts_to_float, [n.op_type for n in inserted]
+    x = rand_input((1, 3, 16, 16), np.float16)
+    (ref,) = run_ort(run.model, {"x": x})
+    (got,) = run_ort(run.out, {"x": x})
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    scale = max(float(np.abs(ref.astype(np.float32)).max()), 1e-3)
+    assert float(np.abs(got.astype(np.float32) - ref.astype(np.float32)).max()) < 1e-2 * scale
+
+
+def test_external_data_model(ok_runs):
+    run = ok_runs["external"]
+    run.check()
+    assert run.model.with_name("ext.onnx.data").is_file()  # untouched: run.check() compared its sha256
+    assert run.out.with_name("hard.onnx.data").is_file()
+    assert run.out.parent != run.model.parent
+    locations = {e.value for t in onnx.load(str(run.out), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"hard.onnx.data"}
+    (y,) = run_ort(run.out, {"x": rand_input((1, 3, 16, 16))})
+    assert np.isfinite(y).all()
+
+
+def test_external_data_file_missing(tmp_path):
+    path = external_model(tmp_path / "src")
+    path.with_name("ext.onnx.data").unlink()
+    res = run_cli(path, "--layers", "node:conv_0", "-o", tmp_path / "out.onnx")
+    assert_fails(res, 4, "missing", "ext.onnx.data")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_supported_opsets_are_kept(ok_runs, opset):
+    run = ok_runs[f"opset{opset}"]
+    run.check()
+    hardened = onnx.load(str(run.out))
+    assert hardened.ir_version == IR_FOR_OPSET[opset]
+    assert [(o.domain, o.version) for o in hardened.opset_import] == [("", opset)]
+    (y,) = run_ort(run.out, {"x": rand_input((1, 3, 16, 16))})
+    assert np.isfinite(y).all()
+
+
+def test_opset_too_old(tmp_path):
+    path = save(chain_model(opset=11), tmp_path / "op11.onnx")
+    res = run_cli(path, "--layers", "node:conv_0")
+    assert_fails(res, 4, "opset 11", "convert_version")
+
+
+def test_opset_newer_than_onnx_knows(tmp_path):
+    path = save(chain_model(opset=99), tmp_path / "op99.onnx")
+    res = run_cli(path, "--layers", "node:conv_0")
+    assert_fails(res, 4, "opset 99", "upgrade onnx")
+
+
+def test_duplicate_node_names_selected_by_tensor(ok_runs):
+    """Two Relu nodes named 'dup' (the ONNX checker accepts it; ONNX Runtime refuses it): must still work."""
+    run = ok_runs["dup"]
+    run.check()
+    names = [n.name for n in onnx.load(str(run.out)).graph.node]
+    inserted = [n for n in names if n.startswith(INSERTED_PREFIX)]
+    assert len(inserted) > 2 * 2, "expected two inserted subgraphs"
+    assert len(set(inserted)) == len(inserted), "inserted node names collide"
+    assert not set(inserted) & {n.name for n in DUP_SOURCE.graph.node}
+    # ONNX Runtime refuses graphs with repeated node names: the hardened model must have none
+    assert len(set(names)) == len(names), Counter(names).most_common(3)
+    (y,) = run_ort(run.out, {"x": rand_input((1, 3, 16, 16))})
+    assert np.isfinite(y).all()
+
+
+def test_output_exists_with_force_is_replaced(ok_runs):
+    run = ok_runs["force"]
+    run.check()
+    assert any(p.key == "hardener.manifest" for p in onnx.load(str(run.out)).metadata_props)
+
+
+def test_already_hardened(ok_runs, tmp_path):
+    once = ok_runs["once"]
+    once.check()
+    res = run_cli(once.out, "--layers", "node:conv_0", "--no-validate", "-o", tmp_path / "twice.onnx")
+    assert_fails(res, 2, "already hardened")
+    assert not (tmp_path / "twice.onnx").exists()
+
+
+# -- 20, 21: output paths ---------------------------------------------------------------
+def test_output_is_input(chain):
+    before = sha256(chain)
+    res = run_cli(chain, "--layers", "node:conv_0", "-o", chain)
+    assert_fails(res, 2, "input model")
+    assert sha256(chain) == before
+
+
+def test_output_is_input_through_another_spelling(chain):
+    before = sha256(chain)
+    res = run_cli(chain, "--layers", "node:conv_0", "-o", chain.parent / "." / chain.name, "--force")
+    assert_fails(res, 2, "input model")
+    assert sha256(chain) == before
+
+
+def test_output_exists_without_force(chain, tmp_path):
+    out = tmp_path / "taken.onnx"
+    out.write_bytes(b"precious")
+    res = run_cli(chain, "--layers", "node:conv_0", "-o", out)
+    assert_fails(res, 2, "exists", "--force")
+    assert out.read_bytes() == b"precious"
+
+
+def test_output_folder_missing(chain, tmp_path):
+    out = tmp_path / "no" / "such" / "dir" / "out.onnx"
+    res = run_cli(chain, "--layers", "node:conv_0", "-o", out)
+    assert_fails(res, 2, "does not exist")
+    assert not out.parent.exists()
+
+
+def test_report_folder_missing(chain, tmp_path):
+    """A report path in a missing folder is a usage error found before anything is written."""
+    out = tmp_path / "out.onnx"
+    res = run_cli(chain, "--layers", "node:conv_0", "--no-validate", "-o", out,
+                  "--report", tmp_path / "missing" / "r.json")
+    assert_fails(res, 2, "does not exist")
+    assert not out.exists()
+
+
+# -- 23, 24: option values and providers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("option, value, words", [
+    ("--rank", "0", ("rank", "0")),
+    ("--rank", "65", ("rank", "65")),
+    ("--gain", "-1", ("gain", "-1")),
+    ("--gain", "0", ("gain", "positive")),
+    ("--gain", "nan", ("gain", "nan")),
+    ("--gain", "inf", ("gain", "inf")),
+    ("--iterations", "0", ("iterations", "0")),
+    ("--adaptive-energy", "1.5", ("adaptive", "1.5")),
+    ("--adaptive-energy", "0", ("adaptive", "(0, 1]")),
+    ("--rank", "two", ("--rank", "two")),
+    ("--mode", "diagonal", ("--mode", "diagonal")),
+    ("--placement", "sideways", ("--placement", "sideways")),
+])
+def test_bad_option_values(chain, tmp_path, option, value, words):
+    out = tmp_path / "o.onnx"
+    res = run_cli(chain, "--layers", "node:conv_0", option, value, "-o", out)
+    assert_fails(res, 2, *words)
+    assert not out.exists()
+
+
+def test_unknown_option(chain):
+    res = run_cli(chain, "--layers", "node:conv_0", "--frobnicate")
+    assert_fails(res, 2, "--frobnicate")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="this onnxruntime has CUDA: the unavailable-provider path cannot be reached")
+def test_cuda_provider_unavailable(chain, tmp_path):
+    out = tmp_path / "o.onnx"
+    res = run_cli(chain, "--layers", "node:conv_0", "--providers", "cuda", "-o", out)
+    assert_fails(res, 3, "CUDA")
+    assert not out.exists()
+
+
+def test_unknown_provider(chain, tmp_path):
+    res = run_cli(chain, "--layers", "node:conv_0", "--providers", "foo", "-o", tmp_path / "o.onnx")
+    assert_fails(res, 2, "unknown provider", "foo")
+
+
+# -- 26: validation inputs ---------------------------------------------------------------------------------------
+def test_inputs_path_missing(chain, tmp_path):
+    res = run_cli(chain, "--layers", "node:conv_0", "--inputs", tmp_path / "nothere.npz", "-o", tmp_path / "o.onnx")
+    assert_fails(res, 2, "not found", "nothere.npz")
+
+
+def test_npz_lacking_model_input(chain, tmp_path):
+    npz = tmp_path / "wrong.npz"
+    np.savez(npz, image=rand_input((2, 3, 16, 16)))
+    res = run_cli(chain, "--layers", "node:conv_0", "--inputs", npz, "-o", tmp_path / "o.onnx")
+    assert_fails(res, 2, "lacks", "'x'", "image")
+
+
+def test_npz_corrupt(chain, tmp_path):
+    npz = tmp_path / "broken.npz"
+    npz.write_bytes(b"PK\x03\x04 definitely not a zip")
+    res = run_cli(chain, "--layers", "node:conv_0", "--inputs", npz, "-o", tmp_path / "o.onnx")
+    assert_fails(res, 2, "cannot read", "broken.npz")
+
+
+def test_npz_wrong_rank(chain, tmp_path):
+    npz = tmp_path / "flat.npz"
+    np.savez(npz, x=rand_input((2, 3 * 16 * 16)))
+    res = run_cli(chain, "--layers", "node:conv_0", "--inputs", npz, "-o", tmp_path / "o.onnx")
+    assert_fails(res, 2, "'x'", "rank 4")
+
+
+def test_image_folder_without_images(chain, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no pictures here")
+    res = run_cli(chain, "--layers", "node:conv_0", "--inputs", folder, "-o", tmp_path / "o.onnx")
+    assert_fails(res, 2, "no images", "imgs")
+
+
+def test_truth_without_inputs(chain, tmp_path):
+    truth = tmp_path / "hr"
+    truth.mkdir()
+    res = run_cli(chain, "--layers", "node:conv_0", "--truth", truth, "-o", tmp_path / "o.onnx")
+    assert_fails(res, 2, "--truth", "--inputs")
+
+
+# -- 27: missing arguments ----------------------------------------------------------------------------------------
+def test_no_layers(chain):
+    res = run_cli(chain)
+    assert_fails(res, 2, "--layers", "--list-layers")
+
+
+def test_no_model():
+    res = run_cli("--layers", "op:Conv")
+    assert_fails(res, 2, "MODEL")
