@@ -18,9 +18,9 @@ from .asvp import AsvpParams
 from .errors import FidelityError, InvalidModelError
 from .inputs import DataReader, open_inputs
 from .layers import LayerIndex
-from .model_io import check_output_path, load_model, save_model, sha256_file
+from .model_io import check_output_paths, load_model, save_model, sha256_file
 from .report import SCHEMA, summary, versions, write_json
-from .rewrite import insert_asvp
+from .rewrite import insert_asvp, make_node_names_unique
 from .validate import Budgets, make_session, resolve_providers, validate
 
 
@@ -63,9 +63,11 @@ def harden(
     inputs.  With ``raise_on_failure`` a failed budget raises ``FidelityError`` after everything is written.
     """
     output = Path(output_path)
+    report_file = Path(report_path) if report_path else output.with_name(output.name + ".report.json")
     loaded = load_model(model_path)
-    check_output_path(loaded.path, output, config.force)
+    check_output_paths(loaded, output, report_file, config.force)
     config.params.check()
+    config.budgets.check()
     providers = resolve_providers(config.providers) if config.validate else []
     index = LayerIndex(loaded.model)
     selections = index.select(config.layers)
@@ -95,10 +97,11 @@ def harden(
         "failures": [],
     }
     if config.validate:
-        reader = data_reader or open_inputs(None, loaded.model, seed=config.params.seed)
+        reader = data_reader if data_reader is not None else \
+            open_inputs(None, loaded.model, seed=config.params.seed)
         bar = _progress_bar(reader, progress)
         try:
-            result = validate(loaded.path, output, hardened, insertions, config.params, reader,
+            result = validate(_runnable_original(loaded), output, hardened, insertions, config.params, reader,
                               config.budgets, providers, config.tf32, progress=bar)
         finally:
             if bar is not None:
@@ -108,13 +111,24 @@ def harden(
         report["failures"] = result.failures
     report["status"] = "FAILED" if report["failures"] else "PASSED"
     report["exit_code"] = FidelityError.exit_code if report["failures"] else 0
-    report_file = Path(report_path) if report_path else output.with_name(output.name + ".report.json")
     report["report_path"] = str(report_file)
     write_json(report, report_file)
     text = summary(report)
     if raise_on_failure and report["failures"]:
         raise FidelityError(text)
     return HardenResult(output, report, text)
+
+
+def _runnable_original(loaded) -> Path | bytes:
+    """The source as ONNX Runtime can load it: repeated node names (which it rejects) made unique."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(loaded.model)
+    if not make_node_names_unique(copy):
+        return loaded.path
+    if loaded.has_external_data:
+        raise InvalidModelError("the model repeats node names and stores external data: ONNX Runtime cannot "
+                                "run the original for validation; rename its nodes, or pass --no-validate")
+    return copy.SerializeToString()
 
 
 def _check_written(output: Path, source: Path) -> str:

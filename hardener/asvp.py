@@ -30,9 +30,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 MODES = ("channel", "spatial")
+PRECISIONS = {"float32": (np.float32, TensorProto.FLOAT), "float64": (np.float64, TensorProto.DOUBLE)}
 FLT_MIN = float(np.finfo(np.float32).tiny)
-# A re-orthogonalised column keeping less than this fraction of its norm is treated as dependent.
-DEPENDENT_COLUMN_RTOL = 1e-6
+# A re-orthogonalised column keeping less than this fraction of its norm is treated as dependent (below
+# what the precision can resolve): it becomes exactly zero instead of amplified round-off.
+DEPENDENT_COLUMN_RTOL = {np.float32: 1e-6, np.float64: 1e-13}
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,16 @@ class AsvpParams:
     rank: int = 4
     gain: float = 2.0
     mode: str = "channel"
-    iterations: int = 12
+    iterations: int = 32
     adaptive_energy: float | None = None
     seed: int = 0
-    # Subspace iteration runs on G^(2^squarings): one squaring halves the iterations (and nodes) needed for
-    # the same accuracy; more lose the k-th direction in float32 round-off (measured: 2 squarings raise the
-    # k=4 error from 2e-3 to 1e-1 on real features), so 1 is the default and the ceiling we recommend.
-    squarings: int = 1
+    # Subspace iteration may run on G^(2^squarings): each squaring halves the iterations (and nodes) for the
+    # same convergence, but in float32 it loses directions whose (s_k/s_1)^(2^(s+1)) falls below eps
+    # (measured on real spatial-mode maps, k=4: 2.7e-3 relative error with one squaring and 16 iterations,
+    # 5e-6 with none and 32), so none is the default.
+    squarings: int = 0
+    # Arithmetic of the spectral part (the Gram matrix and the iterations); reconstruction is float32.
+    precision: str = "float32"
 
     def check(self) -> None:
         from .errors import UsageError
@@ -61,6 +66,10 @@ class AsvpParams:
             raise UsageError(f"gain h must be a positive finite number, got {self.gain}")
         if not 1 <= self.iterations <= 256:
             raise UsageError(f"iterations must be between 1 and 256, got {self.iterations}")
+        if self.seed < 0:
+            raise UsageError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.squarings <= 3:
             raise UsageError(f"squarings must be between 0 and 3, got {self.squarings}")
         if self.adaptive_energy is not None and not 0 < self.adaptive_energy <= 1:
@@ -70,8 +79,8 @@ class AsvpParams:
 def start_block_coefficients(rank: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Frequencies and phases of the deterministic start block Q0[i, j] = cos(a_j * i + b_j)."""
     rng = np.random.default_rng(seed)
-    a = rng.uniform(0.3, 3.0, size=rank).astype(np.float32)
-    b = rng.uniform(0.0, 2 * np.pi, size=rank).astype(np.float32)
+    a = rng.uniform(0.3, 3.0, size=rank).astype(np.float32)  # float32 values whatever the precision,
+    b = rng.uniform(0.0, 2 * np.pi, size=rank).astype(np.float32)  # so both precisions start alike
     return a, b
 
 
@@ -101,7 +110,10 @@ class GraphBuilder:
         )
         return outputs[0]
 
-    def const(self, value, dtype=np.float32, stem: str = "const") -> str:
+    float_dtype: type = np.float32  # dtype of floating constants: the subgraph's compute precision
+
+    def const(self, value, dtype=None, stem: str = "const") -> str:
+        dtype = dtype or self.float_dtype
         name = self.fresh(stem)
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
@@ -120,12 +132,14 @@ def build_asvp(
     """Append the subgraph computing ``out`` = ASVP(``x``); returns names of useful internal tensors."""
     b = builder
     k = params.rank
-    xf = x if elem_type == TensorProto.FLOAT else b.op("Cast", [x], to=TensorProto.FLOAT)
-
+    b.float_dtype, compute = PRECISIONS[params.precision]
+    # Reconstruction runs in float32 (fp16/bf16 maps are widened); only the spectral part may be float64.
+    x32 = x if elem_type == TensorProto.FLOAT else b.op("Cast", [x], to=TensorProto.FLOAT)
     if params.mode == "channel":
-        m = b.op("Reshape", [xf, b.const([0, 0, -1], np.int64, "shape")])  # (N, C, HW)
+        m32 = b.op("Reshape", [x32, b.const([0, 0, -1], np.int64, "shape")])  # (N, C, HW)
     else:
-        m = xf  # (N, C, H, W): one H x W matrix per (sample, channel)
+        m32 = x32  # (N, C, H, W): one H x W matrix per (sample, channel)
+    m = m32 if compute == TensorProto.FLOAT else b.op("Cast", [m32], to=compute)
 
     # Max-abs pre-scaling, per matrix.
     scale = b.axes_op("ReduceMax", b.op("Abs", [m]), [-2, -1])
@@ -141,7 +155,7 @@ def build_asvp(
 
     # Deterministic start block (rows, k) from the dynamic row count.
     rows = b.op("Gather", [b.op("Shape", [gram]), b.const(-1, np.int64, "idx")], axis=0)
-    rows = b.op("Cast", [rows], to=TensorProto.FLOAT)
+    rows = b.op("Cast", [rows], to=compute)
     row_idx = b.op("Range", [b.const(0.0), rows, b.const(1.0)])
     row_idx = b.op("Unsqueeze", [row_idx, b.const([1], np.int64, "axes")])
     a, ph = start_block_coefficients(k, params.seed)
@@ -156,14 +170,15 @@ def build_asvp(
     if params.adaptive_energy is not None:
         frac = b.op("Div", [energy, b.op("Max", [total, b.const(FLT_MIN)])])
         before = b.op("CumSum", [frac, b.const(-1, np.int64, "axis")], exclusive=1)
-        mask = b.op("Cast", [b.op("Less", [before, b.const(params.adaptive_energy)])], to=TensorProto.FLOAT)
+        mask = b.op("Cast", [b.op("Less", [before, b.const(params.adaptive_energy)])], to=compute)
         q = b.op("Mul", [q, mask])
 
-    coeff = b.op("MatMul", [b.op("Transpose", [q], perm=_swap_last_two(params.mode)), m])  # (.., k, n)
-    coeff = b.op("Mul", [coeff, b.const(params.gain - 1.0)])
-    y = b.op("Add", [m, b.op("MatMul", [q, coeff])])
+    q32 = q if compute == TensorProto.FLOAT else b.op("Cast", [q], to=TensorProto.FLOAT)
+    coeff = b.op("MatMul", [b.op("Transpose", [q32], perm=_swap_last_two(params.mode)), m32])  # (.., k, n)
+    coeff = b.op("Mul", [coeff, b.const(params.gain - 1.0, np.float32)])
+    y = b.op("Add", [m32, b.op("MatMul", [q32, coeff])])
     if params.mode == "channel":
-        y = b.op("Reshape", [y, b.op("Shape", [xf])])
+        y = b.op("Reshape", [y, b.op("Shape", [x32])])
     if elem_type == TensorProto.FLOAT:
         b.op("Identity", [y], [out])
     else:
@@ -188,7 +203,7 @@ def _orthonormalize(b: GraphBuilder, z: str, k: int, perm: list[int]) -> str:
             for _ in range(2):
                 col = b.op("Sub", [col, b.op("MatMul", [basis, b.op("MatMul", [basis_t, col])])])
         norm = b.op("Sqrt", [b.axes_op("ReduceSumSquare", col, [-2])])
-        keep = b.op("Greater", [norm, b.op("Mul", [norm0, b.const(DEPENDENT_COLUMN_RTOL)])])
+        keep = b.op("Greater", [norm, b.op("Mul", [norm0, b.const(DEPENDENT_COLUMN_RTOL[b.float_dtype])])])
         unit = b.op("Div", [col, b.op("Max", [norm, b.const(FLT_MIN)])])
         cols.append(b.op("Where", [keep, unit, b.const(0.0)]))
     return cols[0] if k == 1 else b.op("Concat", cols, axis=-1)

@@ -82,6 +82,8 @@ def npz_reader(path: Path, inputs: list[ModelInput], limit: int | None = None) -
     if len(counts) != 1:
         raise UsageError(f"arrays in {path} disagree on the number of samples: {sorted(counts)}")
     n = min(counts.pop(), limit or 2**62)
+    if n == 0:
+        raise UsageError(f"{path} holds zero samples")
     by_name = {i.name: i for i in inputs}
     feeds = []
     for s in range(n):

@@ -102,6 +102,7 @@ class LayerIndex:
         types = _value_types(inferred)
         graph = model.graph
         initializers = {i.name for i in graph.initializer}
+        self.initializers = initializers
         outputs = {o.name for o in graph.output}
         self.layers: dict[str, Layer] = {}
         self.node_names: dict[str, list[onnx.NodeProto]] = {}
@@ -186,6 +187,9 @@ class LayerIndex:
             if kind == "tensor":
                 if value in self.layers:
                     return [self.layers[value]]
+                if value in self.initializers:
+                    raise UsageError(f"selector '{selector}' names an initializer (a weight or constant), "
+                                     "not a feature map; select the tensor a node computes")
                 self._no_match(selector, value, list(self.layers))
             hits = [l for l in self.layers.values() if l.op == value]
             if not hits:

@@ -20,6 +20,8 @@ from google.protobuf.message import DecodeError
 from .errors import InvalidModelError, UsageError
 
 MIN_OPSET = 13
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 PROTOBUF_LIMIT = 2**31 - 1
 
 
@@ -105,12 +107,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{path} is not a valid ONNX model: {first}") from None
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidModelError(f"{path} is not a valid ONNX model: {text}") from None
     return LoadedModel(path, model, sha256_file(path), opset, locations)
 
 
-def _replace_into(data: bytes | None, src: Path | None, dest: Path) -> None:
+def atomic_write(data: bytes | None, src: Path | None, dest: Path) -> None:
+    """Write ``data`` (or a copy of file ``src``) to ``dest`` through a temporary file and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -121,6 +124,7 @@ def _replace_into(data: bytes | None, src: Path | None, dest: Path) -> None:
                     shutil.copyfileobj(s, f, 1 << 24)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
@@ -128,13 +132,33 @@ def _replace_into(data: bytes | None, src: Path | None, dest: Path) -> None:
         raise
 
 
-def check_output_path(source: Path, output: Path, force: bool) -> None:
-    if output.resolve() == source.resolve():
-        raise UsageError(f"output {output} is the input model: hardener never modifies its input")
+def protected_files(source: LoadedModel) -> list[Path]:
+    """The input model and its external data files: never written."""
+    return [source.path.resolve()] + [(source.path.parent / loc).resolve() for loc in source.external_files]
+
+
+def output_files(source: LoadedModel, output: Path) -> list[Path]:
+    """Every file ``save_model`` will write for ``output``."""
+    n = len(source.external_files)
+    suffixes = [".data"] if n == 1 else [f".{i}.data" for i in range(n)]
+    return [output] + [output.with_name(output.name + s) for s in suffixes]
+
+
+def check_output_paths(source: LoadedModel, output: Path, report: Path, force: bool) -> None:
+    """Refuse, before anything is written, to overwrite the input, its data, or one output with another."""
+    protected = protected_files(source)
+    written = output_files(source, output)
+    for path in written + [report]:
+        what = "the report" if path == report else "output"
+        if path.resolve() in protected:
+            raise UsageError(f"{what} {path} is the input model or its external data: hardener never "
+                             "modifies its input")
+        if not path.parent.is_dir():
+            raise UsageError(f"folder {path.parent} for {what} {path.name} does not exist")
+    if report.resolve() in {p.resolve() for p in written}:
+        raise UsageError(f"the report {report} would overwrite the hardened model")
     if output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to replace it")
-    if not output.parent.is_dir():
-        raise UsageError(f"output folder {output.parent} does not exist")
 
 
 def save_model(model: onnx.ModelProto, output: Path, source: LoadedModel) -> list[Path]:
@@ -150,9 +174,7 @@ def save_model(model: onnx.ModelProto, output: Path, source: LoadedModel) -> lis
             suffix = ".data" if len(source.external_files) == 1 else f".{i}.data"
             new_location = output.name + suffix
             dest = output.parent / new_location
-            if dest.resolve() == (source.path.parent / location).resolve():
-                raise UsageError(f"writing {dest} would overwrite the input's external data")
-            _replace_into(None, source.path.parent / location, dest)
+            atomic_write(None, source.path.parent / location, dest)
             renames[location] = new_location
             written.append(dest)
         for tensor in onnx.external_data_helper._get_all_tensors(model):
@@ -163,6 +185,6 @@ def save_model(model: onnx.ModelProto, output: Path, source: LoadedModel) -> lis
     data = model.SerializeToString(deterministic=True)
     if len(data) > PROTOBUF_LIMIT:
         raise InvalidModelError("the hardened model exceeds 2 GB; save the input with external data")
-    _replace_into(data, None, output)
+    atomic_write(data, None, output)
     written.insert(0, output)
     return written

@@ -3,21 +3,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 from pathlib import Path
 
 SCHEMA = "hardener.report/1"
 
 
 def versions() -> dict:
+    from importlib import metadata
+
     found = {"python": platform.python_version()}
-    for name in ("onnx", "onnxruntime", "numpy", "torch"):
+    for name in ("onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "torch"):
         try:
-            module = __import__(name)
-            found[name] = module.__version__
-        except ImportError:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             found[name] = None
     from . import __version__
 
@@ -37,11 +36,9 @@ def _clean(value):
 
 
 def write_json(report: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(_clean(report), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    from .model_io import atomic_write
+
+    atomic_write((json.dumps(_clean(report), indent=2) + "\n").encode(), None, path)
 
 
 def _db(v) -> str:

@@ -79,6 +79,7 @@ def insert_asvp(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    renamed = make_node_names_unique(out)
     taken = _all_names(graph)
     after: dict[int, list[onnx.NodeProto]] = {}  # producer's index -> subgraph nodes to place after it
     at_start: list[onnx.NodeProto] = []
@@ -136,9 +137,26 @@ def insert_asvp(
         "source_sha256": source_sha256,
         "layers": [asdict(ins) for ins in insertions],
     }
+    if renamed:
+        manifest["renamed_duplicate_nodes"] = renamed
     out.metadata_props.append(onnx.StringStringEntryProto(key=MANIFEST_KEY,
                                                           value=json.dumps(manifest, sort_keys=True)))
     return out, insertions
+
+
+def make_node_names_unique(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Rename repeated node names in place (the first keeps its name); ONNX Runtime rejects repeats."""
+    graph = model.graph
+    taken = _all_names(graph)
+    seen: set[str] = set()
+    renamed: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.name and node.name in seen:
+            new = _unique(node.name, taken)
+            renamed.setdefault(node.name, []).append(new)
+            node.name = new
+        seen.add(node.name)
+    return renamed
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -37,6 +37,20 @@ class Budgets:
     data_range: float = 1.0
     crop_border: int = 0
 
+    def check(self) -> None:
+        for name in ("min_psnr", "max_psnr_drop", "atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and not np.isfinite(value):
+                raise UsageError(f"{name.replace('_', '-')} must be a finite number, got {value}")
+        for name in ("max_psnr_drop", "atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"{name.replace('_', '-')} must be >= 0, got {value}")
+        if not (np.isfinite(self.data_range) and self.data_range > 0):
+            raise UsageError(f"data range must be a positive number, got {self.data_range}")
+        if self.crop_border < 0:
+            raise UsageError(f"crop border must be >= 0, got {self.crop_border}")
+
 
 @dataclass
 class ValidationResult:
@@ -74,7 +88,8 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
     return names
 
 
-def make_session(path: Path, providers: list[str], tf32: bool, threads: int | None = None):
+def make_session(source: Path | bytes, providers: list[str], tf32: bool, threads: int | None = None):
+    """An InferenceSession on a model path (or serialized bytes) that fails if CUDA was asked but not used."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -84,7 +99,8 @@ def make_session(path: Path, providers: list[str], tf32: bool, threads: int | No
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider_args = [(p, {"use_tf32": "1" if tf32 else "0"}) if p == "CUDAExecutionProvider" else p
                      for p in providers]
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=provider_args)
+    model = source if isinstance(source, bytes) else str(source)
+    session = ort.InferenceSession(model, sess_options=opts, providers=provider_args)
     ran = session.get_providers()
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in ran:
         raise ProviderUnavailableError(
@@ -106,7 +122,7 @@ def _probe_model(model: onnx.ModelProto, tensors: list[tuple[str, int]]) -> onnx
 
 
 def validate(
-    original_path: Path,
+    original_path: Path | bytes,
     hardened_path: Path,
     hardened_model: onnx.ModelProto,
     insertions: list,
@@ -141,6 +157,9 @@ def validate(
             diffs[name].add(h, o, atol, rtol)
             if not is_image_batch(o):
                 continue
+            if 2 * budgets.crop_border >= min(o.shape[-2:]):
+                raise UsageError(f"crop border {budgets.crop_border} leaves no pixels of output '{name}' "
+                                 f"({o.shape[-2]}x{o.shape[-1]})")
             kw = {"data_range": budgets.data_range, "crop_border": budgets.crop_border}
             rows = image[name]
             for i in range(len(o)):
@@ -185,11 +204,11 @@ def _check_budgets(name: str, entry: dict, b: Budgets, failures: list[str]) -> N
     if (b.atol is not None or b.rtol is not None) and d["tolerance_violations"]:
         failures.append(f"{name}: {d['tolerance_violations']} elements exceed atol={b.atol or 0} "
                         f"rtol={b.rtol or 0} (max abs {d['max_abs']:.3g})")
-    if b.min_psnr is not None and "psnr_vs_original" in entry and entry["psnr_vs_original"] < b.min_psnr:
+    if b.min_psnr is not None and "psnr_vs_original" in entry and not entry["psnr_vs_original"] >= b.min_psnr:
         failures.append(f"{name}: PSNR hardened vs original {entry['psnr_vs_original']:.2f} dB "
                         f"< min {b.min_psnr} dB")
     if b.max_psnr_drop is not None and "psnr_drop_vs_truth" in entry \
-            and entry["psnr_drop_vs_truth"] > b.max_psnr_drop:
+            and not entry["psnr_drop_vs_truth"] <= b.max_psnr_drop:
         failures.append(f"{name}: PSNR vs ground truth dropped {entry['psnr_drop_vs_truth']:.3f} dB "
                         f"> max {b.max_psnr_drop} dB")
 

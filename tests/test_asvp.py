@@ -31,10 +31,11 @@ def per_matrix_errors(y, x, params):
     return errors, gap
 
 
-@pytest.mark.parametrize("mode", ["channel", "spatial"])
-@pytest.mark.parametrize("rank", [1, 2, 4])
-def test_matches_svd_reference_on_real_features(teacher_features, mode, rank):
-    params = AsvpParams(rank=rank, gain=2.0, mode=mode)
+@pytest.mark.parametrize("mode,rank", [("channel", 1), ("channel", 2), ("channel", 4),
+                                       ("spatial", 1), ("spatial", 2), ("spatial", 4), ("spatial", 8)])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_matches_svd_reference_on_real_features(teacher_features, mode, rank, precision):
+    params = AsvpParams(rank=rank, gain=2.0, mode=mode, precision=precision)
     checked = 0
     for name, x in teacher_features.items():
         errors, gap = per_matrix_errors(asvp_onnx(x, params), x, params)
@@ -51,13 +52,21 @@ def test_real_features_have_structure(teacher_features):
     assert np.all(s[:, 0] > 3 * s[:, 4])
 
 
-@pytest.mark.parametrize("energy", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("energy", [0.3, 0.6, 0.7])
 def test_adaptive_rank_matches_reference(teacher_features, energy):
+    """Per matrix, k' is the smallest rank whose energy reaches p; compared where p is not on a knife edge."""
     params = AsvpParams(rank=4, gain=1.5, adaptive_energy=energy)
     x = teacher_features["body.1.conv2"]
     ref = asvp_reference(x, params)
     y = asvp_onnx(x, params)
-    assert relative_error(y, ref.output, x) <= 1e-3
+    s2 = ref.singular_values**2
+    cumulative = np.cumsum(s2, -1) / s2.sum(-1, keepdims=True)
+    clear = np.all(np.abs(cumulative[:, :4] - energy) > 1e-3, axis=-1)  # no cut within 0.1 % of p
+    gaps = np.array([spectral_gap(ref.singular_values[n], int(k)) for n, k in enumerate(ref.ranks)])
+    clear &= gaps <= GAP  # and the subspace of the chosen k' is well defined
+    assert clear.sum() >= 1
+    for n in np.flatnonzero(clear):
+        assert relative_error(y[n], ref.output[n], x[n]) <= TOL
     if energy == 0.3:
         assert ref.ranks.max() < 4  # the adaptive mask really removed columns
 

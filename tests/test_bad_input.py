@@ -29,9 +29,10 @@ INSERTED_PREFIX = "hardener/asvp"
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """The console entry point in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-c", ENTRY, *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+                          timeout=300)
 
 
 def error_line(res: subprocess.CompletedProcess) -> str:
@@ -41,14 +42,17 @@ def error_line(res: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def assert_fails(res: subprocess.CompletedProcess, code: int, *words: str, internal_ok: bool = False) -> str:
-    """Exit ``code``, no traceback, one error line naming the problem (every word, case-insensitive)."""
+def assert_fails(res: subprocess.CompletedProcess, code: int, *words) -> str:
+    """Exit ``code``, no traceback, one error line naming the problem.
+
+    Each of ``words`` (a string, or a tuple of alternatives) must appear in that line, case-insensitively.
+    """
     out = res.stdout + res.stderr
     assert "Traceback" not in out, out
-    assert res.returncode == code, f"exit {res.returncode}, expected {code}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.returncode == code, \
+        f"exit {res.returncode}, expected {code}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
     line = error_line(res)
-    if not internal_ok:
-        assert not line.startswith("internal error"), f"unhandled exception reported as internal error: {line}"
+    assert not line.startswith("internal error"), f"an unexpected exception, not a handled error: {line}"
     for word in words:
         alternatives = word if isinstance(word, tuple) else (word,)
         assert any(w.lower() in line.lower() for w in alternatives), f"{alternatives} not in: {line}"
@@ -72,11 +76,10 @@ def conv(name, x, y, w_name, rng, c_out, c_in, k, dtype, inits):
                             kernel_shape=[k, k], pads=[k // 2] * 4)
 
 
-def make(nodes, inits, inputs, outputs, opset=17, ir_version=None, extra_opsets=()):
+def make(nodes, inits, inputs, outputs, opset=17):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
-    opsets = [helper.make_opsetid("", opset), *extra_opsets]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="test_bad_input")
-    model.ir_version = ir_version or IR_FOR_OPSET.get(opset, 8)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="test_bad_input")
+    model.ir_version = IR_FOR_OPSET.get(opset, 8)
     return model
 
 
@@ -210,11 +213,9 @@ def test_invalid_regex(chain):
 
 
 def test_tensor_selector_naming_an_initializer(chain):
+    """The tensor exists, as a weight: 'matched nothing' would send the user looking for a typo."""
     res = run_cli(chain, "--layers", "tensor:conv_0.weight")
-    assert_fails(res, 2, "conv_0.weight", ("initializer", "weight", "constant"))
-    line = error_line(res)
-    assert "initializer" in line.lower() or "not a feature map" in line.lower(), (
-        f"message should say the tensor is an initializer (a weight), not that nothing matched: {line}")
+    assert_fails(res, 2, "tensor:conv_0.weight", ("initializer", "constant", "not a feature map"))
 
 
 def flatten_model() -> onnx.ModelProto:
@@ -283,35 +284,40 @@ def test_non_float_4d_tensor(tmp_path, selector, words):
     assert_fails(res, 2, *words)
 
 
-# -- 13-18, 22, 25, 28: runs that must succeed -----------------------------------------------------------------------
-# Each successful run costs about 3 s (most of it `import torch` inside hardener), so every run that must succeed is
-# started by one module fixture, as many at a time as there are CPU cores; each test then checks its own run.
+# -- runs started together --------------------------------------------------------------------------------------------
+# A run that gets as far as writing a model costs about 3 s (most of it `import torch` inside hardener), so those runs
+# (every run that must succeed, and the bad values that today are only caught late or not at all) are started by one
+# module fixture, as many at a time as there are CPU cores; each test then checks its own run.
 @dataclass
-class OkRun:
+class Run:
     model: Path
     out: Path
     res: subprocess.CompletedProcess
-    input_untouched: bool
+    input_untouched: bool  # the model's folder (model, external data) byte-identical afterwards
 
-    def check(self) -> None:
-        """Exit 0, PASSED, no traceback, and the input model (and its data) byte-identical (case 28)."""
+    def check_ok(self) -> None:
+        """Exit 0, PASSED, no traceback, and the input model and its data untouched (case 28)."""
         out = self.res.stdout + self.res.stderr
         assert "Traceback" not in out, out
         assert self.res.returncode == 0, \
             f"exit {self.res.returncode}\nstdout:\n{self.res.stdout}\nstderr:\n{self.res.stderr}"
         assert "PASSED" in self.res.stdout, self.res.stdout
-        assert self.input_untouched, f"input model {self.model} was modified"
+        assert self.input_untouched, f"input model {self.model} (or its external data) was modified"
+
+    def check_fails(self, code: int, *words) -> str:
+        line = assert_fails(self.res, code, *words)
+        assert self.input_untouched, f"input model {self.model} (or its external data) was modified"
+        return line
 
 
 def _snapshot(folder: Path) -> dict:
     return {p: (sha256(p), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _ok_run(model: Path, out: Path, args: list) -> OkRun:
-    """Run the CLI; the model's folder (model and any external data) must come out byte-identical."""
+def _run_job(model: Path, out: Path, args: list) -> Run:
     before = _snapshot(model.parent)
     res = run_cli(model, *args, "-o", out)
-    return OkRun(model, out, res, _snapshot(model.parent) == before)
+    return Run(model, out, res, _snapshot(model.parent) == before)
 
 
 def external_model(folder: Path) -> Path:
@@ -325,44 +331,89 @@ def external_model(folder: Path) -> Path:
 
 DUP_SOURCE = chain_model(relu_names=("dup", "dup"))  # two Relu nodes named 'dup' on different tensors
 
+# option, value, words the message must hold, whether it must be refused before any file is written
+BAD_VALUES = [
+    ("--rank", "0", ("rank", "0"), True),
+    ("--rank", "65", ("rank", "65"), True),
+    ("--gain", "-1", ("gain", "-1"), True),
+    ("--gain", "0", ("gain", "positive"), True),
+    ("--gain", "nan", ("gain", "nan"), True),
+    ("--gain", "inf", ("gain", "inf"), True),
+    ("--iterations", "0", ("iterations", "0"), True),
+    ("--adaptive-energy", "1.5", ("adaptive", "1.5"), True),
+    ("--adaptive-energy", "0", ("adaptive", "(0, 1]"), True),
+    ("--rank", "two", ("--rank", "two"), True),
+    ("--mode", "diagonal", ("--mode", "diagonal"), True),
+    ("--placement", "sideways", ("--placement", "sideways"), True),
+    ("--seed", "-1", ("seed", "-1"), True),
+    ("--num-samples", "-1", (("num-samples", "num_samples"), "-1"), True),
+    ("--min-psnr", "nan", (("min-psnr", "min_psnr"), "nan"), True),
+    ("--atol", "-1", ("atol", "-1"), True),
+    ("--data-range", "0", (("data-range", "data_range", "data range"), "0"), True),
+    ("--crop-border", "-1", (("crop-border", "crop_border", "crop border"), "-1"), True),
+    # a border that leaves nothing of the 16x16 output: PSNR over no pixels must not pass a budget
+    ("--crop-border", "8", (("crop-border", "crop_border", "crop border"), "8"), False),
+]
+
 
 @pytest.fixture(scope="module")
-def ok_runs(tmp_path_factory) -> dict[str, OkRun]:
-    root = tmp_path_factory.mktemp("ok_runs")
+def runs(tmp_path_factory) -> dict[str, Run]:
+    root = tmp_path_factory.mktemp("runs")
     jobs = {}
 
     def job(name, model, *args, out_name="out.onnx"):
-        folder = root / name  # the model in folder/src, the output in folder
+        folder = root / name.replace("/", "_").replace(":", "_")  # the model in folder/src, the output in folder
         (folder / "src").mkdir(parents=True, exist_ok=True)
         if not isinstance(model, Path):
             model = save(model, folder / "src" / "model.onnx")
         jobs[name] = (model, folder / out_name, list(args))
         return folder
 
-    no_budgets = "--no-budgets"
-    job("graph_output", chain_model(), "--layers", "tensor:y", no_budgets)
-    job("pixel_1x1", chain_model(shape=(1, 8, 1, 1), mid=8), "--layers", "node:conv_0", no_budgets)
+    nb = "--no-budgets"
+    # 13-18, 22: edge cases that must work
+    job("graph_output", chain_model(), "--layers", "tensor:y", nb)
+    job("pixel_1x1", chain_model(shape=(1, 8, 1, 1), mid=8), "--layers", "node:conv_0", nb)
     for mode in ("channel", "spatial"):
-        job(f"c1_{mode}", chain_model(shape=(1, 1, 16, 16), mid=1), "--layers", "node:conv_0", "--mode", mode,
-            no_budgets)
-    job("fp16", chain_model(dtype=np.float16), "--layers", "node:conv_0", "--gain", "1.0", no_budgets)
-    job("external", external_model(root / "external" / "src"), "--layers", "node:conv_0", no_budgets,
-        out_name="hard.onnx")
+        job(f"c1_{mode}", chain_model(shape=(1, 1, 16, 16), mid=1), "--layers", "node:conv_0", "--mode", mode, nb)
+    job("fp16", chain_model(dtype=np.float16), "--layers", "node:conv_0", "--gain", "1.0", nb)
+    job("external", external_model(root / "external" / "src"), "--layers", "node:conv_0", nb, out_name="hard.onnx")
     for opset in (13, 21):
-        job(f"opset{opset}", chain_model(opset=opset), "--layers", "node:conv_0", no_budgets)
-    job("dup", DUP_SOURCE, "--layers", "tensor:r0", "--layers", "tensor:r1", no_budgets)
+        job(f"opset{opset}", chain_model(opset=opset), "--layers", "node:conv_0", nb)
+    job("dup", DUP_SOURCE, "--layers", "tensor:r0", "--layers", "tensor:r1", nb)
     folder = job("force", chain_model(), "--layers", "node:conv_0", "--no-validate", "--force")
     (folder / "out.onnx").write_bytes(b"precious")
     job("once", chain_model(), "--layers", "node:conv_0", "--no-validate")
+    # 20 and beyond: files that must never be overwritten
+    ext = external_model(root / "ext_over_data" / "src")
+    jobs["ext_over_data"] = (ext, ext.with_name("ext.onnx.data"),
+                             ["--layers", "node:conv_0", "--no-validate", "--force"])
+    folder = root / "report_is_input" / "src"
+    folder.mkdir(parents=True)
+    model = save(chain_model(), folder / "model.onnx")
+    jobs["report_is_input"] = (model, folder.parent / "out.onnx",
+                               ["--layers", "node:conv_0", "--no-validate", "--report", model])
+    job("report_is_output", chain_model(), "--layers", "node:conv_0", "--no-validate", "--report",
+        root / "report_is_output" / "out.onnx")
+    job("report_folder_missing", chain_model(), "--layers", "node:conv_0", "--no-validate", "--report",
+        root / "report_folder_missing" / "missing" / "r.json")
+    # 26: an .npz with zero samples
+    folder = job("npz_empty", chain_model(), "--layers", "node:conv_0")
+    np.savez(folder / "empty.npz", x=np.zeros((0, 3, 16, 16), np.float32))
+    jobs["npz_empty"][2].extend(["--inputs", folder / "empty.npz"])
+    # 23: bad option values
+    for option, value, _, _ in BAD_VALUES:
+        job(f"bad{option}={value}", chain_model(), "--layers", "node:conv_0", option, value)
 
+    # all jobs start even when -k selects one test (about 20 s on 2 cores once the late refusals are early)
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {name: pool.submit(_ok_run, *spec) for name, spec in jobs.items()}
+        futures = {name: pool.submit(_run_job, *spec) for name, spec in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
-def test_graph_output_tensor_is_hardened_in_place(ok_runs):
-    run = ok_runs["graph_output"]
-    run.check()
+# -- 13-18, 22: edge cases that must work ------------------------------------------------------------------------------
+def test_graph_output_tensor_is_hardened_in_place(runs):
+    run = runs["graph_output"]
+    run.check_ok()
     hardened = onnx.load(str(run.out))
     assert [o.name for o in hardened.graph.output] == ["y"]
     assert any(n.name.startswith(INSERTED_PREFIX) for n in hardened.graph.node)
@@ -370,24 +421,24 @@ def test_graph_output_tensor_is_hardened_in_place(ok_runs):
     assert y.shape == (1, 3, 16, 16) and np.isfinite(y).all()
 
 
-def test_1x1_spatial_maps(ok_runs):
-    run = ok_runs["pixel_1x1"]
-    run.check()
+def test_1x1_spatial_maps(runs):
+    run = runs["pixel_1x1"]
+    run.check_ok()
     (y,) = run_ort(run.out, {"x": rand_input((1, 8, 1, 1))})
     assert y.shape == (1, 8, 1, 1) and np.isfinite(y).all()
 
 
 @pytest.mark.parametrize("mode", ["channel", "spatial"])
-def test_single_channel_feature_map(ok_runs, mode):
-    run = ok_runs[f"c1_{mode}"]
-    run.check()
+def test_single_channel_feature_map(runs, mode):
+    run = runs[f"c1_{mode}"]
+    run.check_ok()
     (y,) = run_ort(run.out, {"x": rand_input((1, 1, 16, 16))})
     assert y.shape == (1, 1, 16, 16) and np.isfinite(y).all()
 
 
-def test_fp16_model_identity_gain(ok_runs):
-    run = ok_runs["fp16"]
-    run.check()
+def test_fp16_model_identity_gain(runs):
+    run = runs["fp16"]
+    run.check_ok()
     hardened = onnx.load(str(run.out))
     inserted = [n for n in hardened.graph.node if n.name.startswith(INSERTED_PREFIX)]
     casts_to_float = [n for n in inserted if n.op_type == "Cast"
@@ -401,12 +452,12 @@ def test_fp16_model_identity_gain(ok_runs):
     assert float(np.abs(got.astype(np.float32) - ref.astype(np.float32)).max()) < 1e-2 * scale
 
 
-def test_external_data_model(ok_runs):
-    run = ok_runs["external"]
-    run.check()
-    assert run.model.with_name("ext.onnx.data").is_file()  # untouched: run.check() compared its sha256
-    assert run.out.with_name("hard.onnx.data").is_file()
+def test_external_data_model(runs):
+    run = runs["external"]
+    run.check_ok()  # includes: the input's ext.onnx.data has the same sha256 as before
+    assert run.model.with_name("ext.onnx.data").is_file()
     assert run.out.parent != run.model.parent
+    assert run.out.with_name("hard.onnx.data").is_file()
     locations = {e.value for t in onnx.load(str(run.out), load_external_data=False).graph.initializer
                  for e in t.external_data if e.key == "location"}
     assert locations == {"hard.onnx.data"}
@@ -423,9 +474,9 @@ def test_external_data_file_missing(tmp_path):
 
 
 @pytest.mark.parametrize("opset", [13, 21])
-def test_supported_opsets_are_kept(ok_runs, opset):
-    run = ok_runs[f"opset{opset}"]
-    run.check()
+def test_supported_opsets_are_kept(runs, opset):
+    run = runs[f"opset{opset}"]
+    run.check_ok()
     hardened = onnx.load(str(run.out))
     assert hardened.ir_version == IR_FOR_OPSET[opset]
     assert [(o.domain, o.version) for o in hardened.opset_import] == [("", opset)]
@@ -445,10 +496,10 @@ def test_opset_newer_than_onnx_knows(tmp_path):
     assert_fails(res, 4, "opset 99", "upgrade onnx")
 
 
-def test_duplicate_node_names_selected_by_tensor(ok_runs):
+def test_duplicate_node_names_selected_by_tensor(runs):
     """Two Relu nodes named 'dup' (the ONNX checker accepts it; ONNX Runtime refuses it): must still work."""
-    run = ok_runs["dup"]
-    run.check()
+    run = runs["dup"]
+    run.check_ok()
     names = [n.name for n in onnx.load(str(run.out)).graph.node]
     inserted = [n for n in names if n.startswith(INSERTED_PREFIX)]
     assert len(inserted) > 2 * 2, "expected two inserted subgraphs"
@@ -460,21 +511,16 @@ def test_duplicate_node_names_selected_by_tensor(ok_runs):
     assert np.isfinite(y).all()
 
 
-def test_output_exists_with_force_is_replaced(ok_runs):
-    run = ok_runs["force"]
-    run.check()
-    assert any(p.key == "hardener.manifest" for p in onnx.load(str(run.out)).metadata_props)
-
-
-def test_already_hardened(ok_runs, tmp_path):
-    once = ok_runs["once"]
-    once.check()
+# -- 25: hardening twice -------------------------------------------------------------------------------------------
+def test_already_hardened(runs, tmp_path):
+    once = runs["once"]
+    once.check_ok()
     res = run_cli(once.out, "--layers", "node:conv_0", "--no-validate", "-o", tmp_path / "twice.onnx")
     assert_fails(res, 2, "already hardened")
     assert not (tmp_path / "twice.onnx").exists()
 
 
-# -- 20, 21: output paths ---------------------------------------------------------------
+# -- 20, 21: output paths; files that must never be overwritten ------------------------------------------------------
 def test_output_is_input(chain):
     before = sha256(chain)
     res = run_cli(chain, "--layers", "node:conv_0", "-o", chain)
@@ -497,6 +543,12 @@ def test_output_exists_without_force(chain, tmp_path):
     assert out.read_bytes() == b"precious"
 
 
+def test_output_exists_with_force_is_replaced(runs):
+    run = runs["force"]
+    run.check_ok()
+    assert any(p.key == "hardener.manifest" for p in onnx.load(str(run.out)).metadata_props)
+
+
 def test_output_folder_missing(chain, tmp_path):
     out = tmp_path / "no" / "such" / "dir" / "out.onnx"
     res = run_cli(chain, "--layers", "node:conv_0", "-o", out)
@@ -504,35 +556,38 @@ def test_output_folder_missing(chain, tmp_path):
     assert not out.parent.exists()
 
 
-def test_report_folder_missing(chain, tmp_path):
+def test_output_onto_the_inputs_external_data(runs):
+    """-o src/ext.onnx.data --force would replace the tensors the input model points to."""
+    run = runs["ext_over_data"]
+    run.check_fails(2, "ext.onnx.data", "input")
+
+
+def test_report_is_the_input_model(runs):
+    run = runs["report_is_input"]
+    run.check_fails(2, "report", "input")
+    assert not run.out.exists()
+
+
+def test_report_is_the_output_model(runs):
+    run = runs["report_is_output"]
+    run.check_fails(2, "report", "output")
+
+
+def test_report_folder_missing(runs):
     """A report path in a missing folder is a usage error found before anything is written."""
-    out = tmp_path / "out.onnx"
-    res = run_cli(chain, "--layers", "node:conv_0", "--no-validate", "-o", out,
-                  "--report", tmp_path / "missing" / "r.json")
-    assert_fails(res, 2, "does not exist")
-    assert not out.exists()
+    run = runs["report_folder_missing"]
+    run.check_fails(2, "does not exist")
+    assert not run.out.exists()
 
 
 # -- 23, 24: option values and providers ---------------------------------------------------------------------------
-@pytest.mark.parametrize("option, value, words", [
-    ("--rank", "0", ("rank", "0")),
-    ("--rank", "65", ("rank", "65")),
-    ("--gain", "-1", ("gain", "-1")),
-    ("--gain", "0", ("gain", "positive")),
-    ("--gain", "nan", ("gain", "nan")),
-    ("--gain", "inf", ("gain", "inf")),
-    ("--iterations", "0", ("iterations", "0")),
-    ("--adaptive-energy", "1.5", ("adaptive", "1.5")),
-    ("--adaptive-energy", "0", ("adaptive", "(0, 1]")),
-    ("--rank", "two", ("--rank", "two")),
-    ("--mode", "diagonal", ("--mode", "diagonal")),
-    ("--placement", "sideways", ("--placement", "sideways")),
-])
-def test_bad_option_values(chain, tmp_path, option, value, words):
-    out = tmp_path / "o.onnx"
-    res = run_cli(chain, "--layers", "node:conv_0", option, value, "-o", out)
-    assert_fails(res, 2, *words)
-    assert not out.exists()
+@pytest.mark.parametrize("option, value, words, early", BAD_VALUES,
+                         ids=[f"{o}={v}" for o, v, _, _ in BAD_VALUES])
+def test_bad_option_values(runs, option, value, words, early):
+    run = runs[f"bad{option}={value}"]
+    run.check_fails(2, *words)
+    if early:
+        assert not run.out.exists(), "a bad option value must be refused before any file is written"
 
 
 def test_unknown_option(chain):
@@ -587,6 +642,11 @@ def test_image_folder_without_images(chain, tmp_path):
     (folder / "readme.txt").write_text("no pictures here")
     res = run_cli(chain, "--layers", "node:conv_0", "--inputs", folder, "-o", tmp_path / "o.onnx")
     assert_fails(res, 2, "no images", "imgs")
+
+
+def test_npz_with_zero_samples(runs):
+    """An empty .npz must not be replaced silently by synthetic inputs."""
+    runs["npz_empty"].check_fails(2, "empty")
 
 
 def test_truth_without_inputs(chain, tmp_path):
