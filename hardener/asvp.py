@@ -42,7 +42,7 @@ class AsvpParams:
     """What one inserted subgraph does."""
 
     rank: int = 4
-    gain: float = 2.0
+    gain: float = 1.3
     mode: str = "channel"
     iterations: int = 32
     adaptive_energy: float | None = None

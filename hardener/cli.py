@@ -60,10 +60,11 @@ def _demo_paths() -> tuple[Path, Path, Path]:
 @click.option("--placement", type=click.Choice(PLACEMENTS), default="inline", show_default=True,
               help="inline: perturb the forward path; tap: leave it intact and add the perturbed feature as "
                    "an extra output 'asvp/<layer>' (for feature-distilling consumers).")
-@click.option("-k", "--rank", type=int, default=4, show_default=True,
+@click.option("-k", "--rank", type=int, default=AsvpParams.rank, show_default=True,
               help="How many top singular values to amplify (k).")
-@click.option("-g", "--gain", type=float, default=2.0, show_default=True,
-              help="Amplification factor h of those singular values (1 = identity).")
+@click.option("-g", "--gain", type=float, default=AsvpParams.gain, show_default=True,
+              help="Amplification factor h of those singular values (1 = identity). On the bundled teacher, "
+                   "h=1.3 at 4 layers costs 0.13 dB against ground truth, h=2 costs 1.7 dB.")
 @click.option("--iterations", type=int, default=AsvpParams.iterations, show_default=True,
               help="Subspace iterations on the Gram matrix G. 32 reaches 1e-5 of the float64 SVD where "
                    "sigma(k+1)/sigma(k) <= 0.8 on real features; fewer is faster and coarser.")
