@@ -153,3 +153,23 @@ def test_torchscript_selectors_agree(torchscript_model, selector):
     index = LayerIndex(onnx.load(str(torchscript_model)))
     [(_, layer)] = index.select([selector])
     assert layer.tensor == "/body/body.1/conv2/Conv_output_0"
+
+
+@pytest.mark.parametrize("placement,mode", [("inline", "spatial"), ("tap", "channel"), ("tap", "spatial")])
+def test_placements_agree_with_reference_on_the_teacher(tmp_path, placement, mode):
+    """Both placements and modes, in the real teacher on real photos: the in-graph feature is ASVP(feature)."""
+    from conftest import TEACHER
+    from hardener.inputs import image_folder_reader, model_inputs
+
+    out = tmp_path / "t.onnx"
+    teacher = onnx.load(str(TEACHER))
+    samples = TEACHER.parent / "samples"
+    reader = image_folder_reader(samples / "lr", model_inputs(teacher), "sr", samples / "hr")
+    result = harden(TEACHER, out, HardenConfig(layers=["body.1.conv2", "body.3.conv2"], placement=placement,
+                                               params=AsvpParams(rank=2, mode=mode)), data_reader=reader)
+    layers = result.report["validation"]["layers"]
+    assert len(layers) == 2 and all(l["probe_samples"] == 2 for l in layers)
+    gapped = [l["reference_rel_error_gap_le_0.8"] for l in layers if l["reference_rel_error_gap_le_0.8"] is not None]
+    assert gapped and max(gapped) <= 1e-4
+    if placement == "tap":  # the forward graph is untouched; ORT may fuse a tapped Conv differently (1 ulp)
+        assert result.report["validation"]["outputs"]["sr"]["difference"]["max_abs"] <= 1e-6
