@@ -142,8 +142,10 @@ def build_asvp(
     m = m32 if compute == TensorProto.FLOAT else b.op("Cast", [m32], to=compute)
 
     # Max-abs pre-scaling, per matrix.
-    scale = b.axes_op("ReduceMax", b.op("Abs", [m]), [-2, -1])
-    scale = b.op("Max", [scale, b.const(FLT_MIN)])
+    # max|M| from two reductions on tiny outputs: no full-size Abs pass.
+    top = b.op("Abs", [b.axes_op("ReduceMax", m, [-2, -1])])
+    bottom = b.op("Abs", [b.axes_op("ReduceMin", m, [-2, -1])])
+    scale = b.op("Max", [top, bottom, b.const(FLT_MIN)])
     mn = b.op("Div", [m, scale])
     gram = b.op("MatMul", [mn, b.op("Transpose", [mn], perm=_swap_last_two(params.mode))])
     # Iterate on G^(2^s) (renormalised): each iteration then converges like 2^s iterations on G.
@@ -161,13 +163,15 @@ def build_asvp(
     a, ph = start_block_coefficients(k, params.seed)
     q = b.op("Cos", [b.op("Add", [b.op("Mul", [row_idx, b.const(a[None, :])]), b.const(ph[None, :])])])
 
-    for _ in range(params.iterations):
-        q = _orthonormalize(b, b.op("MatMul", [power, q]), k, _swap_last_two(params.mode))
+    for i in range(params.iterations):
+        q = _orthonormalize(b, b.op("MatMul", [power, q]), k, _swap_last_two(params.mode),
+                            final=i == params.iterations - 1)
 
-    # Rayleigh quotients: estimated energy sigma_j^2 (of the scaled matrix) captured by each column.
-    energy = b.axes_op("ReduceSum", b.op("Mul", [q, b.op("MatMul", [gram, q])]), [-2])  # (.., 1, k)
-    total = b.axes_op("ReduceSumSquare", mn, [-2, -1])  # (.., 1, 1) = trace(G)
     if params.adaptive_energy is not None:
+        # Rayleigh quotients q_j^T G q_j estimate the energy sigma_j^2 each column captures (of the scaled
+        # matrix); trace(G) is the total.  Columns after the one that reaches p of the total are masked out.
+        energy = b.axes_op("ReduceSum", b.op("Mul", [q, b.op("MatMul", [gram, q])]), [-2])  # (.., 1, k)
+        total = b.axes_op("ReduceSumSquare", mn, [-2, -1])  # (.., 1, 1)
         frac = b.op("Div", [energy, b.op("Max", [total, b.const(FLT_MIN)])])
         before = b.op("CumSum", [frac, b.const(-1, np.int64, "axis")], exclusive=1)
         mask = b.op("Cast", [b.op("Less", [before, b.const(params.adaptive_energy)])], to=compute)
@@ -183,31 +187,38 @@ def build_asvp(
         b.op("Identity", [y], [out])
     else:
         b.op("Cast", [y], [out], to=elem_type)
-    return {"basis": q, "energy": energy, "total": total}
+    return {"basis": q}
 
 
 def _swap_last_two(mode: str) -> list[int]:
     return [0, 2, 1] if mode == "channel" else [0, 1, 3, 2]
 
 
-def _orthonormalize(b: GraphBuilder, z: str, k: int, perm: list[int]) -> str:
-    """Columns of z (.., rows, k) -> orthonormal columns, CGS2; dependent columns become zero."""
+def _orthonormalize(b: GraphBuilder, z: str, k: int, perm: list[int], final: bool) -> str:
+    """Columns of z (.., rows, k) -> orthonormal columns by classical Gram-Schmidt.
+
+    Inner iterations project once (CGS): any loss of orthogonality is washed out by the next iteration,
+    which only needs a well-conditioned basis of the same span.  The final one projects twice (CGS2, Q
+    orthonormal to round-off, so Q Q^T is a projector) and turns dependent columns (rank-deficient or
+    all-zero maps) into exact zeros instead of normalised round-off.
+    """
     cols: list[str] = []
     for j in range(k):
         col = b.op("Slice", [z, b.const([j], np.int64, "start"), b.const([j + 1], np.int64, "end"),
                              b.const([-1], np.int64, "axis")])
-        norm0 = b.op("Sqrt", [b.axes_op("ReduceSumSquare", col, [-2])])
+        norm0 = b.op("Sqrt", [b.axes_op("ReduceSumSquare", col, [-2])]) if final else None
         if cols:
             basis = cols[0] if len(cols) == 1 else b.op("Concat", cols, axis=-1)
             basis_t = b.op("Transpose", [basis], perm=perm)
-            for _ in range(2):
+            for _ in range(2 if final else 1):
                 col = b.op("Sub", [col, b.op("MatMul", [basis, b.op("MatMul", [basis_t, col])])])
         norm = b.op("Sqrt", [b.axes_op("ReduceSumSquare", col, [-2])])
-        keep = b.op("Greater", [norm, b.op("Mul", [norm0, b.const(DEPENDENT_COLUMN_RTOL[b.float_dtype])])])
         unit = b.op("Div", [col, b.op("Max", [norm, b.const(FLT_MIN)])])
-        cols.append(b.op("Where", [keep, unit, b.const(0.0)]))
+        if final:
+            rtol = b.const(DEPENDENT_COLUMN_RTOL[b.float_dtype])
+            unit = b.op("Where", [b.op("Greater", [norm, b.op("Mul", [norm0, rtol])]), unit, b.const(0.0)])
+        cols.append(unit)
     return cols[0] if k == 1 else b.op("Concat", cols, axis=-1)
-
 
 
 def standalone_model(
