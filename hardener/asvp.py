@@ -128,8 +128,8 @@ class GraphBuilder:
 
 def build_asvp(
     builder: GraphBuilder, x: str, out: str, params: AsvpParams, elem_type: int
-) -> dict[str, str]:
-    """Append the subgraph computing ``out`` = ASVP(``x``); returns names of useful internal tensors."""
+) -> None:
+    """Append to ``builder`` the subgraph computing tensor ``out`` = ASVP(tensor ``x``)."""
     b = builder
     k = params.rank
     b.float_dtype, compute = PRECISIONS[params.precision]
@@ -141,8 +141,7 @@ def build_asvp(
         m32 = x32  # (N, C, H, W): one H x W matrix per (sample, channel)
     m = m32 if compute == TensorProto.FLOAT else b.op("Cast", [m32], to=compute)
 
-    # Max-abs pre-scaling, per matrix.
-    # max|M| from two reductions on tiny outputs: no full-size Abs pass.
+    # Max-abs pre-scaling, per matrix; max|M| from two reductions, without a full-size Abs pass.
     top = b.op("Abs", [b.axes_op("ReduceMax", m, [-2, -1])])
     bottom = b.op("Abs", [b.axes_op("ReduceMin", m, [-2, -1])])
     scale = b.op("Max", [top, bottom, b.const(FLT_MIN)])
@@ -187,7 +186,6 @@ def build_asvp(
         b.op("Identity", [y], [out])
     else:
         b.op("Cast", [y], [out], to=elem_type)
-    return {"basis": q}
 
 
 def _swap_last_two(mode: str) -> list[int]:
