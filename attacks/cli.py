@@ -1,0 +1,45 @@
+"""``attack``: run an attack suite and write its report."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .suite import Runner, Suite, summarize, write_report
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Distill students from hardened and original teachers and measure the protection."""
+
+
+@main.command()
+@click.argument("suite_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--quick", is_flag=True, help="A CPU smoke profile that runs in minutes (not for conclusions).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("attack_results"),
+              show_default=True, help="Results folder; finished runs there are reused (resumable).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run(suite_file, quick, out, no_progress):
+    """Run SUITE_FILE (TOML; default: the built-in sr2 suite) and write OUT/report.{json,md}.
+
+    \b
+    Example suite file:
+      tasks = ["sr2"]
+      attackers = ["naive", "charbonnier", "lowpass", "strip", "ground_truth"]
+      students = ["tiny", "edsr"]
+      seeds = [0, 1]
+      steps = 600
+      [[defences]]
+      name = "none"
+      [[defences]]
+      name = "asvp-k4-h1.3"
+      layers = ["body.*.conv2"]
+      rank = 4
+      gain = 1.3
+    """
+    suite = Suite.load(suite_file) if suite_file else (Suite.quick() if quick else Suite())
+    runner = Runner(suite, out, progress=not no_progress and sys.stderr.isatty())
+    summary = summarize(runner.run_all())
+    write_report(summary, out)
+    click.echo((out / "report.md").read_text())

@@ -1,0 +1,157 @@
+"""Distilling a student from a teacher's answers, and the attackers' strategies.
+
+The thief has a query budget: a fixed set of degraded training patches, answered once by the teacher
+(through ``Oracle``). A student is then trained on (input, answer) pairs. Adaptive thieves change the
+loss (L2, Charbonnier), filter the answers (Gaussian low-pass, Haar wavelet detail removal), train longer,
+use a larger student, match exposed features (``tap`` placement) through a 1x1 adapter, or strip the
+defence from the file before querying.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hardener.metrics import psnr, ssim
+
+
+@dataclass(frozen=True)
+class Attacker:
+    name: str
+    loss: str = "l1"  # l1 | l2 | charbonnier
+    target_filter: str | None = None  # None | lowpass | wavelet
+    steps_factor: float = 1.0
+    student: str | None = None  # overrides the suite's student (e.g. a larger one)
+    strip: bool = False  # remove the inserted subgraphs from the file before querying
+    feature_weight: float = 0.0  # > 0: also match tap features through a 1x1 adapter
+    ground_truth: bool = False  # control: train on ground truth, no teacher at all
+
+
+ATTACKERS = {
+    "naive": Attacker("naive"),
+    "l2": Attacker("l2", loss="l2"),
+    "charbonnier": Attacker("charbonnier", loss="charbonnier"),
+    "lowpass": Attacker("lowpass", target_filter="lowpass"),
+    "wavelet": Attacker("wavelet", target_filter="wavelet"),
+    "long": Attacker("long", steps_factor=3.0),
+    "large": Attacker("large", student="edsr_large"),
+    "strip": Attacker("strip", strip=True),
+    "features": Attacker("features", feature_weight=0.1),
+    "ground_truth": Attacker("ground_truth", ground_truth=True),
+}
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = k / k.sum()
+    return (k[:, None] * k[None, :])[None, None].repeat(3, 1, 1, 1)
+
+
+def filter_targets(y: torch.Tensor, how: str | None) -> torch.Tensor:
+    """The adaptive thief's cleaning of the teacher's answers."""
+    if how is None:
+        return y
+    if how == "lowpass":  # Gaussian blur, sigma 1 px: removes high-frequency perturbation (and detail)
+        k = _gaussian_kernel(1.0).to(y)
+        return F.conv2d(F.pad(y, [k.shape[-1] // 2] * 4, mode="reflect"), k, groups=3)
+    if how == "wavelet":  # one-level Haar, detail bands soft-thresholded (VisuShrink-style, MAD of HH)
+        a, b = y[..., 0::2, 0::2], y[..., 0::2, 1::2]
+        c, d = y[..., 1::2, 0::2], y[..., 1::2, 1::2]
+        ll, lh, hl, hh = (a + b + c + d) / 2, (a - b + c - d) / 2, (a + b - c - d) / 2, (a - b - c + d) / 2
+        sigma = hh.abs().flatten(-2).median(-1).values[..., None, None] / 0.6745
+        t = 3 * sigma
+        lh, hl, hh = (torch.sign(v) * torch.clamp(v.abs() - t, min=0) for v in (lh, hl, hh))
+        out = torch.empty_like(y)
+        out[..., 0::2, 0::2] = (ll + lh + hl + hh) / 2
+        out[..., 0::2, 1::2] = (ll - lh + hl - hh) / 2
+        out[..., 1::2, 0::2] = (ll + lh - hl - hh) / 2
+        out[..., 1::2, 1::2] = (ll - lh - hl + hh) / 2
+        return out
+    raise ValueError(f"unknown target filter {how!r}")
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    if kind == "charbonnier":
+        return torch.sqrt((pred - target) ** 2 + 1e-6).mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def train_student(
+    student: nn.Module,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    *,
+    steps: int,
+    loss: str = "l1",
+    target_filter: str | None = None,
+    features: dict[str, np.ndarray] | None = None,
+    feature_weight: float = 0.0,
+    batch: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress=None,
+) -> list[float]:
+    """Adam with cosine decay on (input, target) pairs; returns the loss curve (every 10th step)."""
+    g = torch.Generator().manual_seed(seed)
+    x_all = torch.from_numpy(np.ascontiguousarray(inputs, np.float32))
+    with torch.no_grad():
+        y_all = filter_targets(torch.from_numpy(np.ascontiguousarray(targets, np.float32)), target_filter)
+    adapters = nn.ModuleDict()
+    feat_all = {}
+    if features and feature_weight > 0:
+        c_student = student.head.out_channels
+        for i, (name, arr) in enumerate(sorted(features.items())):
+            adapters[str(i)] = nn.Conv2d(c_student, arr.shape[1], 1)
+            feat_all[str(i)] = torch.from_numpy(np.ascontiguousarray(arr, np.float32))
+    opt = torch.optim.Adam(list(student.parameters()) + list(adapters.parameters()), lr=lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.01)
+    captured = {}
+    hook = student.body.register_forward_hook(lambda m, i, o: captured.__setitem__("body", o)) \
+        if feat_all else None
+    curve = []
+    student.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(x_all), (min(batch, len(x_all)),), generator=g)
+        pred = student(x_all[idx])
+        value = _loss(pred, y_all[idx], loss)
+        for key, adapter in adapters.items():
+            value = value + feature_weight * F.l1_loss(adapter(captured["body"]), feat_all[key][idx])
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        sched.step()
+        if step % 10 == 0:
+            curve.append(value.item())
+        if progress is not None:
+            progress.update(1)
+    if hook is not None:
+        hook.remove()
+    student.eval()
+    return curve
+
+
+@torch.no_grad()
+def evaluate(predict, eval_set, crop_border: int) -> dict:
+    """Mean PSNR/SSIM (BasicSR: per image, RGB, ``crop_border`` px removed, clipped to [0, 1])."""
+    psnrs, ssims = [], []
+    for _, x, truth in eval_set:
+        y = predict(x)
+        psnrs.append(psnr(y[0], truth[0], crop_border=crop_border))
+        ssims.append(ssim(y[0], truth[0], crop_border=crop_border))
+    return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "per_image_psnr": psnrs}
+
+
+def torch_predictor(model: nn.Module):
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+    return predict

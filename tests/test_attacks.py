@@ -1,0 +1,121 @@
+"""The attack suite's parts: the strip attack, the oracle, target filters, students, distillation."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from attacks.distill import filter_targets, train_student
+from attacks.oracle import Oracle, strip_asvp
+from attacks.students import STUDENTS, build_student, parameter_count
+from hardener.api import HardenConfig, harden
+from hardener.asvp import AsvpParams
+
+from conftest import TEACHER, run_model
+
+
+@pytest.mark.parametrize("placement", ["inline", "tap"])
+@pytest.mark.parametrize("use_manifest", [True, False])
+def test_strip_finds_and_removes_every_subgraph(tmp_path, placement, use_manifest):
+    out = tmp_path / "h.onnx"
+    layers = ["body.*.conv2"] + (["tensor:lr"] if placement == "inline" else [])
+    harden(TEACHER, out, HardenConfig(layers=layers, placement=placement, validate=False))
+    stripped, removed = strip_asvp(onnx.load(str(out)), use_manifest=use_manifest)
+    assert removed == len(layers) + 3  # body.0..3.conv2 (+ the graph input)
+    onnx.checker.check_model(stripped, full_check=True)
+    original = onnx.load(str(TEACHER))
+    assert [n.op_type for n in stripped.graph.node] == [n.op_type for n in original.graph.node]
+    assert [o.name for o in stripped.graph.output] == [o.name for o in original.graph.output]
+    x = np.random.default_rng(0).random((2, 3, 20, 24), dtype=np.float32)
+    np.testing.assert_array_equal(run_model(stripped, {"lr": x})[0], run_model(TEACHER, {"lr": x})[0])
+    assert not np.array_equal(run_model(out, {"lr": x})[0], run_model(TEACHER, {"lr": x})[0])
+
+
+def test_oracle_counts_queries_and_exposes_taps(tmp_path):
+    out = tmp_path / "tap.onnx"
+    harden(TEACHER, out, HardenConfig(layers=["body.1.conv2"], placement="tap", validate=False,
+                                      params=AsvpParams(rank=2)))
+    oracle = Oracle(out)
+    x = np.random.default_rng(1).random((5, 3, 16, 16), dtype=np.float32)
+    y, feats = oracle(x, batch=2, features=True)
+    assert y.shape == (5, 3, 32, 32) and oracle.queries == 5
+    assert list(feats) == ["asvp/body.1.conv2"] and feats["asvp/body.1.conv2"].shape == (5, 32, 16, 16)
+    np.testing.assert_allclose(y, run_model(TEACHER, {"lr": x})[0], atol=1e-6)
+
+
+def test_target_filters_remove_high_frequencies_only():
+    rng = np.random.default_rng(0)
+    smooth = torch.from_numpy(np.tile(np.linspace(0, 1, 32, dtype=np.float32), (1, 3, 32, 1)))
+    noisy = smooth + torch.from_numpy(rng.normal(0, 0.05, smooth.shape).astype(np.float32))
+    for how in ("lowpass", "wavelet"):
+        cleaned = filter_targets(noisy, how)
+        inner = (..., slice(4, -4), slice(4, -4))
+        assert (cleaned - smooth)[inner].std() < 0.8 * (noisy - smooth)[inner].std(), how
+        assert torch.allclose(filter_targets(smooth, how)[inner], smooth[inner], atol=2e-3), how
+
+
+def test_students_shapes_and_sizes():
+    x = torch.rand(2, 3, 12, 12)
+    sizes = []
+    for name in STUDENTS:
+        for scale in (1, 2, 4):
+            assert build_student(name, scale)(x).shape == (2, 3, 12 * scale, 12 * scale)
+        sizes.append(parameter_count(build_student(name, 2)))
+    assert sizes == sorted(sizes) and sizes[-1] > 3 * sizes[1]  # large is several times the EDSR-like one
+
+
+def test_distillation_learns_the_teacher():
+    """A student trained on a teacher's answers moves toward the teacher (loss falls, outputs agree)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 3, 12, 12), dtype=np.float32)
+    teacher = run_model(TEACHER, {"lr": x})[0]
+    student = build_student("tiny", 2, seed=0)
+    with torch.no_grad():
+        before = float(torch.mean(torch.abs(student(torch.from_numpy(x)) - torch.from_numpy(teacher))))
+    curve = train_student(student, x, teacher, steps=60, batch=8, seed=0)
+    with torch.no_grad():
+        after = float(torch.mean(torch.abs(student(torch.from_numpy(x)) - torch.from_numpy(teacher))))
+    assert curve[-1] < curve[0] and after < 0.8 * before
+
+
+def test_suite_end_to_end_identity_defence_and_resume(tmp_path):
+    """Quick grid: a gain-1 (identity) defence must protect nothing; reruns reuse finished runs."""
+    from attacks.suite import Defence, Runner, Suite, summarize, write_report
+
+    suite = Suite(defences=[Defence("none"), Defence("identity", layers=["body.*.conv2"], gain=1.0)],
+                  attackers=["naive", "strip", "ground_truth"], students=["tiny"], queries=32, patch=48,
+                  steps=40, eval_size=64)
+    runner = Runner(suite, tmp_path, progress=False)
+    results = runner.run_all()
+    assert len(results) == 4  # none x {naive, ground_truth} + identity x {naive, strip}
+    summary = summarize(results)
+    write_report(summary, tmp_path)
+    rows = {(r["defence"], r["attacker"]): r for r in summary["rows"]}
+    assert abs(rows[("identity", "naive")]["student_psnr_drop"]) < 0.01
+    assert abs(rows[("identity", "naive")]["teacher_psnr_drop"]) < 1e-3
+    assert rows[("identity", "strip")]["student_psnr_drop"] is not None
+    assert rows[("none", "naive")]["student_psnr_drop"] is None  # no self-comparison
+    student = rows[("none", "naive")]["student_psnr"]
+    teacher = results[0]["teacher_original"]["psnr"]
+    assert 20 < student < teacher + 1  # a real, short distillation: below or near the teacher
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    assert len(Runner(suite, tmp_path, progress=False).run_all()) == 4
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    assert "| sr2 | identity | naive | tiny |" in (tmp_path / "report.md").read_text()
+
+
+def test_metrics_match_scikit_image():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from hardener.metrics import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 40, 36))
+    b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)
+    assert psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-9)
+    ref = structural_similarity(a, b, data_range=1.0, channel_axis=0, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False)
+    assert ssim(a, b) == pytest.approx(ref, abs=1e-12)
+    assert psnr(a, b, crop_border=4) == pytest.approx(
+        peak_signal_noise_ratio(a[:, 4:-4, 4:-4], b[:, 4:-4, 4:-4], data_range=1.0), abs=1e-9)
