@@ -24,7 +24,12 @@ from .distill import ATTACKERS, evaluate, torch_predictor, train_student
 from .oracle import Oracle, strip_asvp
 from .students import build_student, parameter_count
 
-BUNDLED = {"sr2": Path(__file__).resolve().parents[1] / "hardener" / "assets" / "sr_x2.onnx"}
+_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = {  # teachers that ship with the repo (recipes beside each file)
+    "sr2": _ROOT / "hardener" / "assets" / "sr_x2.onnx",
+    "denoise": _ROOT / "attacks" / "teachers" / "denoise.onnx",
+    "lowlight": _ROOT / "attacks" / "teachers" / "lowlight.onnx",
+}
 
 
 @dataclass

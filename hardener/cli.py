@@ -105,7 +105,8 @@ def _demo_paths() -> tuple[Path, Path, Path]:
 @click.option("--keep-paths", is_flag=True, help="Keep absolute file paths found in exporter metadata "
               "(scrubbed to base names by default).")
 @click.option("--demo", is_flag=True, help="Harden the bundled x2 super-resolution teacher on the bundled "
-              "real photos (layers body.*.conv2) and print the validation summary.")
+              "real photos (layers body.*.conv2), write ./sr_x2.hardened.onnx (replaced on rerun) and print the "
+              "validation summary.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the last summary line.")
 @click.version_option(package_name="hardener")
 def main(**kw):
@@ -127,8 +128,7 @@ def main(**kw):
 
 
 def _run(model, output, layers, list_layers, mode, placement, rank, gain, iterations, precision, adaptive_energy,
-         seed,
-         inputs, truth, num_samples, providers, tf32, min_psnr, max_psnr_drop, atol, rtol, data_range,
+         seed, inputs, truth, num_samples, providers, tf32, min_psnr, max_psnr_drop, atol, rtol, data_range,
          crop_border, no_budgets, validate, report, force, keep_paths, demo, quiet) -> int:
     if demo:
         if model is not None:
