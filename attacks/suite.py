@@ -83,6 +83,15 @@ class Runner:
         (out / "teachers").mkdir(exist_ok=True)
         self._answers: dict[str, tuple] = {}
         self._teacher_metrics: dict[str, dict] = {}
+        self._eval: dict[str, list] = {}
+
+    def eval_set(self, task: str) -> list:
+        """The held-out evaluation images of ``task``, built once per runner."""
+        from .degrade import eval_set
+
+        if task not in self._eval:
+            self._eval[task] = eval_set(task, "test", hr_size=self.suite.eval_size)
+        return self._eval[task]
 
     # -- teachers ---------------------------------------------------------------------------------------
     def teacher_path(self, task: str, defence: Defence, strip: bool = False) -> Path:
@@ -108,13 +117,11 @@ class Runner:
         return stripped
 
     def teacher_metrics(self, task: str, path: Path) -> dict:
-        from .degrade import TASKS, eval_set
+        from .degrade import TASKS
 
         if str(path) not in self._teacher_metrics:
             oracle = Oracle(path)
-            scale = TASKS[task].scale
-            data = eval_set(task, "test", hr_size=self.suite.eval_size)
-            self._teacher_metrics[str(path)] = evaluate(lambda x: oracle(x), data, crop_border=scale)
+            self._teacher_metrics[str(path)] = evaluate(oracle, self.eval_set(task), crop_border=TASKS[task].scale)
         return self._teacher_metrics[str(path)]
 
     def answers(self, task: str, path: Path, seed: int):
@@ -155,7 +162,7 @@ class Runner:
         return self.out / "runs" / (run_key(task, defence.name, attacker, student, seed) + ".json")
 
     def run_one(self, task: str, defence: Defence, attacker_name: str, student_name: str, seed: int) -> dict:
-        from .degrade import TASKS, eval_set
+        from .degrade import TASKS
 
         attacker = ATTACKERS[attacker_name]
         scale = TASKS[task].scale
@@ -169,8 +176,7 @@ class Runner:
         curve = train_student(student, inputs, targets, steps=steps, loss=attacker.loss,
                               target_filter=attacker.target_filter, features=feats,
                               feature_weight=attacker.feature_weight, batch=self.suite.batch, seed=seed)
-        metrics = evaluate(torch_predictor(student), eval_set(task, "test", hr_size=self.suite.eval_size),
-                           crop_border=scale)
+        metrics = evaluate(torch_predictor(student), self.eval_set(task), crop_border=scale)
         result = {
             "task": task, "defence": asdict(defence), "attacker": asdict(attacker), "student": student_name,
             "student_arch": attacker.student or student_name, "student_params": parameter_count(student),
@@ -180,7 +186,7 @@ class Runner:
             "teacher_original": self.teacher_metrics(task, self.teacher_path(task, Defence("none"))),
             "seconds": time.perf_counter() - started,
             "conventions": f"PSNR/SSIM per image then averaged, RGB, crop_border={scale}, clipped to [0,1], "
-                           f"{len(eval_set(task, 'test', hr_size=self.suite.eval_size))} held-out photos",
+                           f"{len(self.eval_set(task))} held-out photos",
         }
         file = self._file(task, defence, attacker_name, student_name, seed)
         tmp = file.with_suffix(".tmp")

@@ -35,6 +35,9 @@ class HardenConfig:
     tf32: bool = False
     scrub_paths: bool = True
     force: bool = False
+    inputs: str | None = None  # .npz or image folder for validation; None: seeded synthetic inputs
+    truth: str | None = None  # ground-truth image folder matching an image-folder ``inputs``
+    num_samples: int | None = None  # at most this many validation inputs (synthetic: exactly; default 4)
 
 
 @dataclass
@@ -59,8 +62,8 @@ def harden(
 ) -> HardenResult:
     """Insert ASVP after the selected layers, write the model atomically, validate, report.
 
-    ``data_reader`` supplies validation feeds (``get_next() -> dict | None``); by default seeded synthetic
-    inputs.  With ``raise_on_failure`` a failed budget raises ``FidelityError`` after everything is written.
+    ``data_reader`` supplies validation feeds (``get_next() -> dict | None``); by default they come from
+    ``config.inputs`` (seeded synthetic inputs when that is None).  With ``raise_on_failure`` a failed budget raises ``FidelityError`` after everything is written.
     """
     output = Path(output_path)
     report_file = Path(report_path) if report_path else output.with_name(output.name + ".report.json")
@@ -69,6 +72,11 @@ def harden(
     config.params.check()
     config.budgets.check()
     providers = resolve_providers(config.providers) if config.validate else []
+    reader = None
+    if config.validate:  # opened before anything is written: bad inputs are a usage error, not a half-run
+        reader = data_reader if data_reader is not None else open_inputs(
+            config.inputs, loaded.model, truth=config.truth, count=config.num_samples or 4,
+            limit=config.num_samples, seed=config.params.seed)
     index = LayerIndex(loaded.model)
     selections = index.select(config.layers)
     hardened, insertions = insert_asvp(loaded.model, loaded.opset, selections, config.params,
@@ -97,8 +105,6 @@ def harden(
         "failures": [],
     }
     if config.validate:
-        reader = data_reader if data_reader is not None else \
-            open_inputs(None, loaded.model, seed=config.params.seed)
         bar = _progress_bar(reader, progress)
         try:
             result = validate(_runnable_original(loaded), output, hardened, insertions, config.params, reader,

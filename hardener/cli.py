@@ -10,8 +10,6 @@ import click
 from .api import HardenConfig, find_layers, harden
 from .asvp import MODES, PRECISIONS, AsvpParams
 from .errors import HardenerError, UsageError
-from .inputs import open_inputs
-from .model_io import load_model
 from .rewrite import PLACEMENTS
 from .validate import Budgets
 
@@ -157,15 +155,9 @@ def _run(model, output, layers, list_layers, mode, placement, rank, gain, iterat
                       atol=atol, rtol=rtol, data_range=data_range, crop_border=crop_border)
     config = HardenConfig(layers=list(layers), params=params, placement=placement, validate=validate,
                           budgets=budgets, providers=providers.split(",") if providers else None, tf32=tf32,
-                          scrub_paths=not keep_paths, force=force)
-    reader = None
-    if validate and (inputs is not None or truth is not None):
-        source = load_model(model).model
-        reader = open_inputs(inputs, source, truth=str(truth) if truth else None, limit=num_samples, seed=seed)
-    elif validate and num_samples:
-        reader = open_inputs(None, load_model(model).model, count=num_samples, seed=seed)
-    result = harden(model, output, config, data_reader=reader, report_path=report,
-                    progress=not quiet and sys.stderr.isatty())
+                          scrub_paths=not keep_paths, force=force, inputs=inputs,
+                          truth=str(truth) if truth else None, num_samples=num_samples)
+    result = harden(model, output, config, report_path=report, progress=not quiet and sys.stderr.isatty())
     click.echo(result.summary.splitlines()[-1] if quiet else result.summary)
     return result.report["exit_code"]
 
