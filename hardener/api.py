@@ -9,7 +9,7 @@ The CLI (``harden``) is a thin layer over this module.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -70,6 +70,7 @@ def harden(
     loaded = load_model(model_path)
     check_output_paths(loaded, output, report_file, config.force)
     config.params.check()
+    config = replace(config, params=config.params.resolved())  # the report states what was used
     config.budgets.check()
     providers = resolve_providers(config.providers) if config.validate else []
     reader = None

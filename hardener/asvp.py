@@ -23,7 +23,7 @@ estimate sum_{j<k'} q_j^T G q_j reaches p * trace(G); columns beyond k' are mask
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -44,16 +44,28 @@ class AsvpParams:
     rank: int = 4
     gain: float = 1.3
     mode: str = "channel"
-    iterations: int = 32
+    # Subspace iterations; None: 32 / 2^squarings (32 effective iterations on G).
+    iterations: int | None = None
     adaptive_energy: float | None = None
     seed: int = 0
-    # Subspace iteration may run on G^(2^squarings): each squaring halves the iterations (and nodes) for the
-    # same convergence, but in float32 it loses directions whose (s_k/s_1)^(2^(s+1)) falls below eps
-    # (measured on real spatial-mode maps, k=4: 2.7e-3 relative error with one squaring and 16 iterations,
-    # 5e-6 with none and 32), so none is the default.
-    squarings: int = 0
-    # Arithmetic of the spectral part (the Gram matrix and the iterations); reconstruction is float32.
-    precision: str = "float32"
+    # Subspace iteration runs on G^(2^squarings): each squaring halves the iterations (and nodes) for the same
+    # convergence, but directions with (s_k/s_1)^(2^(squarings+1)) below the precision's resolution are lost.
+    # Measured on real maps (tests/test_asvp.py): float64 with 2 squarings and 8 iterations matches 32 plain
+    # iterations (<= 1.6e-5 of the SVD where s(k+1)/s(k) <= 0.8) for k <= 4; k = 8 in spatial mode needs 1
+    # squaring (2 gives 1.8e-2); float32 with one squaring already gives 2.5e-3.  None picks: 0 for float32,
+    # 2 for float64 with k <= 4, else 1.
+    squarings: int | None = None
+    # Arithmetic of the small rows x rows spectral part (squarings and iterations); the Gram matrix and the
+    # reconstruction are float32.
+    precision: str = "float64"
+
+    def resolved(self) -> "AsvpParams":
+        """These parameters with ``None`` (automatic) values replaced by the ones that will be used."""
+        squarings = self.squarings
+        if squarings is None:
+            squarings = 0 if self.precision == "float32" else (2 if self.rank <= 4 else 1)
+        iterations = self.iterations if self.iterations is not None else max(1, 32 >> squarings)
+        return replace(self, squarings=squarings, iterations=iterations)
 
     def check(self) -> None:
         from .errors import UsageError
@@ -64,13 +76,13 @@ class AsvpParams:
             raise UsageError(f"rank k must be between 1 and 64, got {self.rank}")
         if not np.isfinite(self.gain) or self.gain <= 0:
             raise UsageError(f"gain h must be a positive finite number, got {self.gain}")
-        if not 1 <= self.iterations <= 256:
+        if self.iterations is not None and not 1 <= self.iterations <= 256:
             raise UsageError(f"iterations must be between 1 and 256, got {self.iterations}")
         if self.seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {self.seed}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not 0 <= self.squarings <= 3:
+        if self.squarings is not None and not 0 <= self.squarings <= 3:
             raise UsageError(f"squarings must be between 0 and 3, got {self.squarings}")
         if self.adaptive_energy is not None and not 0 < self.adaptive_energy <= 1:
             raise UsageError(f"adaptive energy p must be in (0, 1], got {self.adaptive_energy}")
@@ -131,6 +143,7 @@ def build_asvp(
 ) -> None:
     """Append to ``builder`` the subgraph computing tensor ``out`` = ASVP(tensor ``x``)."""
     b = builder
+    params = params.resolved()
     k = params.rank
     b.float_dtype, compute = PRECISIONS[params.precision]
     # Reconstruction runs in float32 (fp16/bf16 maps are widened); only the spectral part may be float64.
@@ -139,19 +152,20 @@ def build_asvp(
         m32 = b.op("Reshape", [x32, b.const([0, 0, -1], np.int64, "shape")])  # (N, C, HW)
     else:
         m32 = x32  # (N, C, H, W): one H x W matrix per (sample, channel)
-    m = m32 if compute == TensorProto.FLOAT else b.op("Cast", [m32], to=compute)
-
     # Max-abs pre-scaling, per matrix; max|M| from two reductions, without a full-size Abs pass.
-    top = b.op("Abs", [b.axes_op("ReduceMax", m, [-2, -1])])
-    bottom = b.op("Abs", [b.axes_op("ReduceMin", m, [-2, -1])])
-    scale = b.op("Max", [top, bottom, b.const(FLT_MIN)])
-    mn = b.op("Div", [m, scale])
+    top = b.op("Abs", [b.axes_op("ReduceMax", m32, [-2, -1])])
+    bottom = b.op("Abs", [b.axes_op("ReduceMin", m32, [-2, -1])])
+    scale = b.op("Max", [top, bottom, b.const(FLT_MIN, np.float32)])
+    mn = b.op("Div", [m32, scale])
+    # The Gram matrix is the one large product: float32.  The small rows x rows spectral part runs in
+    # ``precision``.
     gram = b.op("MatMul", [mn, b.op("Transpose", [mn], perm=_swap_last_two(params.mode))])
-    # Iterate on G^(2^s) (renormalised): each iteration then converges like 2^s iterations on G.
+    if compute != TensorProto.FLOAT:
+        gram = b.op("Cast", [gram], to=compute)
+    # Iterate on G^(2^s), renormalised by its largest entry (G is PSD: that is max|G|) before each square.
     power = gram
     for _ in range(params.squarings):
-        power = b.op("Div", [power, b.op("Max", [b.axes_op("ReduceMax", b.op("Abs", [power]), [-2, -1]),
-                                                 b.const(FLT_MIN)])])
+        power = b.op("Div", [power, b.op("Max", [b.axes_op("ReduceMax", power, [-2, -1]), b.const(FLT_MIN)])])
         power = b.op("MatMul", [power, power])
 
     # Deterministic start block (rows, k) from the dynamic row count.
@@ -170,7 +184,9 @@ def build_asvp(
         # Rayleigh quotients q_j^T G q_j estimate the energy sigma_j^2 each column captures (of the scaled
         # matrix); trace(G) is the total.  Columns after the one that reaches p of the total are masked out.
         energy = b.axes_op("ReduceSum", b.op("Mul", [q, b.op("MatMul", [gram, q])]), [-2])  # (.., 1, k)
-        total = b.axes_op("ReduceSumSquare", mn, [-2, -1])  # (.., 1, 1)
+        total = b.axes_op("ReduceSumSquare", mn, [-2, -1])  # (.., 1, 1), float32 like mn
+        if compute != TensorProto.FLOAT:
+            total = b.op("Cast", [total], to=compute)
         frac = b.op("Div", [energy, b.op("Max", [total, b.const(FLT_MIN)])])
         before = b.op("CumSum", [frac, b.const(-1, np.int64, "axis")], exclusive=1)
         mask = b.op("Cast", [b.op("Less", [before, b.const(params.adaptive_energy)])], to=compute)
@@ -201,16 +217,19 @@ def _orthonormalize(b: GraphBuilder, z: str, k: int, perm: list[int], final: boo
     all-zero maps) into exact zeros instead of normalised round-off.
     """
     cols: list[str] = []
-    for j in range(k):
-        col = b.op("Slice", [z, b.const([j], np.int64, "start"), b.const([j + 1], np.int64, "end"),
-                             b.const([-1], np.int64, "axis")])
-        norm0 = b.op("Sqrt", [b.axes_op("ReduceSumSquare", col, [-2])]) if final else None
+    if k == 1:
+        parts = [z]
+    else:  # one Split node (the 'split' input form is valid from opset 13 on)
+        parts = [b.fresh("col") for _ in range(k)]
+        b.op("Split", [z, b.const([1] * k, np.int64, "split")], parts, axis=-1)
+    for j, col in enumerate(parts):
+        norm0 = b.axes_op("ReduceL2", col, [-2]) if final else None
         if cols:
             basis = cols[0] if len(cols) == 1 else b.op("Concat", cols, axis=-1)
             basis_t = b.op("Transpose", [basis], perm=perm)
             for _ in range(2 if final else 1):
                 col = b.op("Sub", [col, b.op("MatMul", [basis, b.op("MatMul", [basis_t, col])])])
-        norm = b.op("Sqrt", [b.axes_op("ReduceSumSquare", col, [-2])])
+        norm = b.axes_op("ReduceL2", col, [-2])
         unit = b.op("Div", [col, b.op("Max", [norm, b.const(FLT_MIN)])])
         if final:
             rtol = b.const(DEPENDENT_COLUMN_RTOL[b.float_dtype])

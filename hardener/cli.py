@@ -63,12 +63,17 @@ def _demo_paths() -> tuple[Path, Path, Path]:
 @click.option("-g", "--gain", type=float, default=AsvpParams.gain, show_default=True,
               help="Amplification factor h of those singular values (1 = identity). On the bundled teacher, "
                    "h=1.3 at 4 layers costs 0.13 dB against ground truth, h=2 costs 1.7 dB.")
-@click.option("--iterations", type=int, default=AsvpParams.iterations, show_default=True,
-              help="Subspace iterations on the Gram matrix G. 32 reaches 1e-5 of the float64 SVD where "
-                   "sigma(k+1)/sigma(k) <= 0.8 on real features; fewer is faster and coarser.")
-@click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="float32", show_default=True,
-              help="Arithmetic of the Gram matrix and iterations (reconstruction is float32). float64 "
-                   "resolves directions with sigma(k) < 1e-3 sigma(1), at about twice the cost.")
+@click.option("--iterations", type=int, default=None, metavar="N",
+              help="Subspace iterations on G^(2^S). Default: 32 / 2^S (8 with the default S=2), which matches "
+                   "the float64 SVD to <= 2e-5 where sigma(k+1)/sigma(k) <= 0.8 on real features; fewer is "
+                   "faster and coarser.")
+@click.option("--squarings", type=int, default=None, metavar="S",
+              help="Iterate on G squared S times: each squaring halves the iterations (and the inserted nodes) "
+                   "for the same accuracy. Default: 2 for k <= 4, 1 for larger k, 0 with --precision float32.")
+@click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="float64", show_default=True,
+              help="Arithmetic of the small C x C (or H x H) spectral part; the Gram matrix and the "
+                   "reconstruction are float32 either way. float32 cannot use squarings (it loses weak "
+                   "directions), so it needs 32 iterations: about 3x the nodes.")
 @click.option("--adaptive-energy", type=float, default=None, metavar="P",
               help="Adaptive k: per input, the smallest k' <= k whose top-k' energy reaches fraction P.")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -125,7 +130,7 @@ def main(**kw):
         return 4
 
 
-def _run(model, output, layers, list_layers, mode, placement, rank, gain, iterations, precision, adaptive_energy,
+def _run(model, output, layers, list_layers, mode, placement, rank, gain, iterations, squarings, precision, adaptive_energy,
          seed, inputs, truth, num_samples, providers, tf32, min_psnr, max_psnr_drop, atol, rtol, data_range,
          crop_border, no_budgets, validate, report, force, keep_paths, demo, quiet) -> int:
     if demo:
@@ -148,7 +153,8 @@ def _run(model, output, layers, list_layers, mode, placement, rank, gain, iterat
     if not layers:
         raise UsageError("no --layers given; run `harden MODEL --list-layers` to see candidates")
     output = output or model.with_name(model.stem + ".hardened.onnx")
-    params = AsvpParams(rank=rank, gain=gain, mode=mode, iterations=iterations, precision=precision,
+    params = AsvpParams(rank=rank, gain=gain, mode=mode, iterations=iterations, squarings=squarings,
+                        precision=precision,
                         adaptive_energy=adaptive_energy, seed=seed)
     budgets = Budgets(min_psnr=None if no_budgets else min_psnr,
                       max_psnr_drop=None if no_budgets else max_psnr_drop,

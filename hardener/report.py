@@ -50,7 +50,8 @@ def summary(report: dict) -> str:
     p = report["config"]["params"]
     adaptive = f", adaptive energy {p['adaptive_energy']}" if p["adaptive_energy"] is not None else ""
     lines.append(f"  ASVP {report['config']['placement']} / {p['mode']} mode, k={p['rank']}, h={p['gain']}, "
-                 f"{p['iterations']} iterations{adaptive}, seed {p['seed']}")
+                 f"{p['iterations']} iterations on G^{2 ** p['squarings']} ({p['precision']}){adaptive}, "
+                 f"seed {p['seed']}")
     for ins in report["insertions"]:
         where = f" (module {ins['module']})" if ins.get("module") else ""
         lines.append(f"  + {ins['label']}: tensor {ins['tensor']}{where} {ins['shape']}, {ins['nodes']} nodes"

@@ -340,6 +340,8 @@ BAD_VALUES = [
     ("--gain", "nan", ("gain", "nan"), True),
     ("--gain", "inf", ("gain", "inf"), True),
     ("--iterations", "0", ("iterations", "0"), True),
+    ("--squarings", "4", ("squarings", "4"), True),
+    ("--squarings", "-1", ("squarings", "-1"), True),
     ("--adaptive-energy", "1.5", ("adaptive", "1.5"), True),
     ("--adaptive-energy", "0", ("adaptive", "(0, 1]"), True),
     ("--rank", "two", ("--rank", "two"), True),

@@ -44,6 +44,6 @@ def test_help_teaches_every_option_with_examples():
     assert proc.returncode == 0
     for option in ("--layers", "--list-layers", "--mode", "--placement", "--rank", "--gain", "--iterations",
                    "--adaptive-energy", "--seed", "--inputs", "--truth", "--providers", "--min-psnr",
-                   "--max-psnr-drop", "--atol", "--rtol", "--report", "--force", "--demo", "--precision"):
+                   "--max-psnr-drop", "--atol", "--rtol", "--report", "--force", "--demo", "--precision", "--squarings"):
         assert option in proc.stdout, option
     assert "Examples:" in proc.stdout and "Exit codes:" in proc.stdout and "re:" in proc.stdout
