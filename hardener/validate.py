@@ -88,8 +88,12 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
     return names
 
 
-def make_session(source: Path | bytes, providers: list[str], tf32: bool, threads: int | None = None):
-    """An InferenceSession on a model path (or serialized bytes) that fails if CUDA was asked but not used."""
+def make_session(source: Path | bytes, providers: list[str], tf32: bool, threads: int | None = None,
+                 cuda_options: dict | None = None):
+    """An InferenceSession on a model path (or serialized bytes) that fails if CUDA was asked but not used.
+
+    ``cuda_options``: extra CUDA provider options (for example ``{"enable_cuda_graph": "1"}``).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -97,8 +101,8 @@ def make_session(source: Path | bytes, providers: list[str], tf32: bool, threads
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    provider_args = [(p, {"use_tf32": "1" if tf32 else "0"}) if p == "CUDAExecutionProvider" else p
-                     for p in providers]
+    cuda = {"use_tf32": "1" if tf32 else "0", **(cuda_options or {})}
+    provider_args = [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
     model = source if isinstance(source, bytes) else str(source)
     session = ort.InferenceSession(model, sess_options=opts, providers=provider_args)
     ran = session.get_providers()

@@ -1,90 +1,227 @@
 #!/usr/bin/env python3
-"""Latency of hardened vs original models on ONNX Runtime, as ratios measured in one run.
+"""Cost of hardening: hardened/original latency on ONNX Runtime, and the exact-SVD alternative, in one run.
 
-For each configuration (insertion points x mode x k) the original and hardened sessions run in
-interleaved pairs after a warm-up; the reported ratio is the median of per-pair ratios, so drift in machine
-load cancels.  Prints a table and writes JSON.
+For each configuration (input size x insertion points x mode x k) the original and the hardened sessions run
+in interleaved pairs after a warm-up; the reported ratio is the median of per-pair ratios (and its 90th
+percentile), so drift in machine load cancels.  On CUDA, input and outputs stay on the GPU (IOBinding with
+pre-allocated outputs), TF32 is off, and ``--cuda-graph`` replays a captured CUDA graph (static shapes).
 
-    python scripts/bench_overhead.py                 # bundled teacher, 1x3x256x256, CPU
-    python scripts/bench_overhead.py --quick         # small sizes, few repeats (CI-friendly)
-    python scripts/bench_overhead.py --providers cuda --sizes 256 512
+A second table times, on the same feature map (the teacher's ``body.1.conv2`` output at that input size)
+and device, the ASVP subgraph alone (ONNX Runtime) against the exact alternative it replaces:
+``torch.linalg.svd`` in float32 plus the rank-k reconstruction.
+
+Prints both tables and writes JSON (schema ``hardener.bench/1``)::
+
+    python scripts/bench_overhead.py                          # CPU, 256^2 and 512^2, 1 and 3 points, k=1,2,4
+    python scripts/bench_overhead.py --quick                  # 64^2, few repeats: checks that it runs (CI)
+    python scripts/bench_overhead.py --providers cuda --cuda-graph
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from hardener.api import HardenConfig, harden
-from hardener.asvp import AsvpParams
+from hardener.asvp import PRECISIONS, AsvpParams, standalone_model
 from hardener.validate import make_session, resolve_providers
 
 TEACHER = Path(__file__).resolve().parents[1] / "hardener" / "assets" / "sr_x2.onnx"
 LAYER_SETS = {1: ["body.1.conv2"], 3: ["body.0.conv2", "body.1.conv2", "body.2.conv2"]}
+PROBE_LAYER = "body.1.conv2"
 
 
-def pair_ratios(a, b, feed, repeats: int, warmup: int) -> tuple[float, float, float]:
+class Runner:
+    """Runs one session on one fixed input: plain ``run`` on CPU, IOBinding with device buffers on CUDA."""
+
+    def __init__(self, session, feed: dict[str, np.ndarray]):
+        import onnxruntime as ort
+
+        self.session = session
+        self.cuda = session.get_providers()[0] == "CUDAExecutionProvider"
+        self.feed = feed
+        if not self.cuda:
+            return
+        outputs = session.run(None, feed)  # output shapes (a warm-up too)
+        self.binding = session.io_binding()
+        self._keep = []  # device buffers must outlive the binding (and stay put for CUDA graphs)
+        for name, value in feed.items():
+            buf = ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+            self._keep.append(buf)
+            self.binding.bind_ortvalue_input(name, buf)
+        for meta, value in zip(session.get_outputs(), outputs):
+            buf = ort.OrtValue.ortvalue_from_shape_and_type(value.shape, value.dtype, "cuda", 0)
+            self._keep.append(buf)
+            self.binding.bind_ortvalue_output(meta.name, buf)
+
+    def __call__(self) -> None:
+        if self.cuda:
+            self.session.run_with_iobinding(self.binding)  # returns once the device work is done
+        else:
+            self.session.run(None, self.feed)
+
+
+def pair_ratios(a: Runner, b: Runner, repeats: int, warmup: int) -> dict:
     for _ in range(warmup):
-        a.run(None, feed)
-        b.run(None, feed)
-    ta, ratios = [], []
+        a()
+        b()
+    ta, tb, ratios = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a.run(None, feed)
+        a()
         t1 = time.perf_counter()
-        b.run(None, feed)
+        b()
         t2 = time.perf_counter()
         ta.append(t1 - t0)
+        tb.append(t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(ta) * 1e3, statistics.median(ratios), float(np.percentile(ratios, 90))
+    return {"original_ms": statistics.median(ta) * 1e3, "hardened_ms": statistics.median(tb) * 1e3,
+            "ratio_median": statistics.median(ratios), "ratio_p90": float(np.percentile(ratios, 90))}
+
+
+def median_ms(fn, repeats: int, warmup: int, sync=lambda: None) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def feature_map(model: Path, size: int, providers, threads) -> np.ndarray:
+    """The teacher's PROBE_LAYER output on a seeded input of size x size (real map shape and statistics)."""
+    from hardener.layers import LayerIndex
+
+    proto = onnx.load(str(model))
+    [(_, layer)] = LayerIndex(proto).select([PROBE_LAYER])
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(layer.tensor, onnx.TensorProto.FLOAT, None))
+    session = make_session(proto.SerializeToString(), providers, tf32=False, threads=threads)
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    return session.run([layer.tensor], {session.get_inputs()[0].name: x})[0]
+
+
+def reference_row(fmap: np.ndarray, params: AsvpParams, providers, threads, repeats, warmup) -> dict:
+    """ASVP subgraph alone (ORT) vs torch.linalg.svd + reconstruction (float32), same map, same device."""
+    import torch
+
+    session = make_session(standalone_model(params).SerializeToString(), providers, tf32=False, threads=threads)
+    subgraph_ms = median_ms(Runner(session, {"x": fmap}), repeats, warmup)
+    cuda = providers[0] == "CUDAExecutionProvider"
+    if cuda and not torch.cuda.is_available():
+        return {"subgraph_ms": subgraph_ms, "svd_ms": None, "svd_device": "unavailable"}
+    device = "cuda" if cuda else "cpu"
+    if not cuda:
+        torch.set_num_threads(threads)
+    t = torch.from_numpy(fmap).to(device)
+    n, c, h, w = t.shape
+    k, gain = params.rank, params.gain
+
+    def exact():
+        m = t.reshape(n, c, h * w) if params.mode == "channel" else t
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        uk = u[..., :k]
+        return m + (gain - 1.0) * uk @ (uk.transpose(-1, -2) @ m)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.no_grad():
+        svd_ms = median_ms(exact, max(3, repeats // 4), max(1, warmup), sync)
+    return {"subgraph_ms": subgraph_ms, "svd_ms": svd_ms, "svd_device": device}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=TEACHER)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[256])
+    ap.add_argument("--model", type=Path, default=TEACHER, help="default: the bundled x2 SR teacher")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="input side (LR for the teacher)")
     ap.add_argument("--points", type=int, nargs="+", default=[1, 3], choices=sorted(LAYER_SETS))
-    ap.add_argument("--modes", nargs="+", default=["channel", "spatial"])
-    ap.add_argument("--ranks", type=int, nargs="+", default=[4])
-    ap.add_argument("--iterations", type=int, default=AsvpParams.iterations)
-    ap.add_argument("--providers", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=["channel", "spatial"], choices=["channel", "spatial"])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--iterations", type=int, default=None, help="default: automatic (AsvpParams)")
+    ap.add_argument("--squarings", type=int, default=None, help="default: automatic (AsvpParams)")
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default=AsvpParams.precision)
+    ap.add_argument("--providers", default="cpu", help="cpu or cuda")
+    ap.add_argument("--cuda-graph", action="store_true", help="CUDA: enable_cuda_graph (capture, then replay)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (CPU)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="sizes 64, k=1 and 4, 3 repeats: checks it runs")
+    ap.add_argument("--no-reference", action="store_true", help="skip the torch.linalg.svd table")
+    ap.add_argument("--quick", action="store_true", help="64^2, k=1 and 4, 3 repeats: checks that it runs")
     ap.add_argument("--json", type=Path, default=Path("bench_overhead.json"))
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.ranks, args.repeats, args.warmup = [64], [1, 4], 3, 1
     providers = resolve_providers(args.providers.split(","))
-    rows = []
+    cuda = providers[0] == "CUDAExecutionProvider"
+    cuda_options = {"enable_cuda_graph": "1"} if (cuda and args.cuda_graph) else None
+    if args.cuda_graph and not cuda:
+        ap.error("--cuda-graph needs --providers cuda")
+    import onnxruntime as ort
+
+    rows, refs = [], []
+    print(f"{'provider':>8} {'size':>5} {'pts':>3} {'mode':>7} {'k':>2} {'S':>1} {'it':>2} {'nodes':>6} "
+          f"{'original ms':>11} {'hardened ms':>11} {'ratio':>6} {'p90':>6}")
     with tempfile.TemporaryDirectory() as tmp:
-        original = make_session(args.model, providers, tf32=False, threads=args.threads)
-        name = original.get_inputs()[0].name
-        for points in args.points:
-            for mode in args.modes:
-                for k in args.ranks:
+        for mode in args.modes:
+            for k in args.ranks:
+                params = AsvpParams(rank=k, mode=mode, iterations=args.iterations, squarings=args.squarings,
+                                    precision=args.precision).resolved()
+                for points in args.points:
                     out = Path(tmp) / f"h_{points}_{mode}_{k}.onnx"
-                    params = AsvpParams(rank=k, mode=mode, iterations=args.iterations)
                     result = harden(args.model, out, HardenConfig(layers=LAYER_SETS[points], params=params,
-                                                                  validate=False))
+                                                                  validate=False, force=True))
                     nodes = sum(i["nodes"] for i in result.report["insertions"])
-                    hardened = make_session(out, providers, tf32=False, threads=args.threads)
                     for size in args.sizes:
+                        # one session pair per size: a captured CUDA graph is bound to its shapes
+                        original = make_session(args.model, providers, False, args.threads, cuda_options)
+                        hardened = make_session(out, providers, False, args.threads, cuda_options)
                         x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-                        ms, ratio, p90 = pair_ratios(original, hardened, {name: x}, args.repeats, args.warmup)
-                        rows.append({"provider": providers[0], "size": size, "points": points, "mode": mode,
-                                     "rank": k, "iterations": args.iterations, "inserted_nodes": nodes,
-                                     "original_ms": ms, "ratio_median": ratio, "ratio_p90": p90})
-                        print(f"{providers[0]:>22} {size:>4}^2 points={points} {mode:>7} k={k} "
-                              f"nodes={nodes:>5} original {ms:8.2f} ms  hardened/original {ratio:.3f} "
-                              f"(p90 {p90:.3f})", flush=True)
-    args.json.write_text(json.dumps({"model": str(args.model), "threads": args.threads, "rows": rows}, indent=2))
+                        feed = {original.get_inputs()[0].name: x}
+                        stats = pair_ratios(Runner(original, feed), Runner(hardened, feed), args.repeats,
+                                            args.warmup)
+                        row = {"provider": providers[0], "cuda_graph": bool(cuda_options), "size": size,
+                               "points": points, "mode": mode, "rank": k, "squarings": params.squarings,
+                               "iterations": params.iterations, "precision": params.precision,
+                               "inserted_nodes": nodes, **stats}
+                        rows.append(row)
+                        print(f"{providers[0][:-17]:>8} {size:>4}² {points:>3} {mode:>7} {k:>2} "
+                              f"{params.squarings:>1} {params.iterations:>2} {nodes:>6} "
+                              f"{stats['original_ms']:11.2f} {stats['hardened_ms']:11.2f} "
+                              f"{stats['ratio_median']:6.3f} {stats['ratio_p90']:6.3f}  hardened/original",
+                              flush=True)
+        if not args.no_reference:
+            print(f"\nASVP subgraph alone vs torch.linalg.svd (float32) + reconstruction, on the "
+                  f"{PROBE_LAYER} map:")
+            print(f"{'size':>5} {'map':>16} {'mode':>7} {'k':>2} {'subgraph ms':>11} {'svd ms':>9} {'svd/subgraph':>12}")
+            for size in args.sizes:
+                fmap = feature_map(args.model, size, providers, args.threads)
+                for mode in args.modes:
+                    for k in args.ranks:
+                        params = AsvpParams(rank=k, mode=mode, iterations=args.iterations,
+                                            squarings=args.squarings, precision=args.precision).resolved()
+                        ref = reference_row(fmap, params, providers, args.threads, args.repeats, args.warmup)
+                        ref.update({"size": size, "map_shape": list(fmap.shape), "mode": mode, "rank": k})
+                        refs.append(ref)
+                        svd = "-" if ref["svd_ms"] is None else f"{ref['svd_ms']:9.2f}"
+                        speed = "-" if ref["svd_ms"] is None else f"{ref['svd_ms'] / ref['subgraph_ms']:12.1f}"
+                        print(f"{size:>4}² {'x'.join(map(str, fmap.shape)):>16} {mode:>7} {k:>2} "
+                              f"{ref['subgraph_ms']:11.2f} {svd:>9} {speed:>12}", flush=True)
+    report = {"schema": "hardener.bench/1", "model": str(args.model), "threads": args.threads,
+              "onnxruntime": ort.__version__, "machine": platform.machine(), "processor": platform.processor(),
+              "defaults": asdict(AsvpParams().resolved()), "rows": rows, "reference": refs}
+    tmp_json = args.json.with_name(args.json.name + ".tmp")
+    tmp_json.write_text(json.dumps(report, indent=2))
+    tmp_json.replace(args.json)
     print(f"wrote {args.json}")
     return 0
 
