@@ -103,7 +103,8 @@ def insert_asvp(
                 for j, name in enumerate(node.input):
                     if name == layer.tensor:
                         node.input[j] = dst
-        build_asvp(builder, src, dst, params, layer.elem_type)
+        channels = layer.shape[1] if layer.shape and isinstance(layer.shape[1], int) and layer.shape[1] > 0 else None
+        build_asvp(builder, src, dst, params, layer.elem_type, channels=channels)
         graph.initializer.extend(builder.initializers)
         if producer is not None:
             after.setdefault(producer_idx, []).extend(builder.nodes)
