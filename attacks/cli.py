@@ -43,8 +43,11 @@ def run(suite_file, quick, out, no_progress):
       rank = 4
       gain = 1.3
     """
-    suite = Suite.load(suite_file) if suite_file else (Suite.quick() if quick else Suite())
+    try:
+        suite = Suite.load(suite_file) if suite_file else (Suite.quick() if quick else Suite())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     runner = Runner(suite, out, progress=not no_progress and sys.stderr.isatty())
-    summary = summarize(runner.run_all())
-    write_report(summary, out)
+    results = runner.run_all()
+    write_report(summarize(results), out, results)
     click.echo((out / "report.md").read_text())

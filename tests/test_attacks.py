@@ -90,7 +90,7 @@ def test_suite_end_to_end_identity_defence_and_resume(tmp_path):
     results = runner.run_all()
     assert len(results) == 4  # none x {naive, ground_truth} + identity x {naive, strip}
     summary = summarize(results)
-    write_report(summary, tmp_path)
+    write_report(summary, tmp_path, results)
     rows = {(r["defence"], r["attacker"]): r for r in summary["rows"]}
     assert abs(rows[("identity", "naive")]["student_psnr_drop"]) < 0.01
     assert abs(rows[("identity", "naive")]["teacher_psnr_drop"]) < 1e-3
@@ -103,6 +103,41 @@ def test_suite_end_to_end_identity_defence_and_resume(tmp_path):
     assert len(Runner(suite, tmp_path, progress=False).run_all()) == 4
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
     assert "| sr2 | identity | naive | tiny |" in (tmp_path / "report.md").read_text()
+    # pictures: each run's prediction on the first held-out photo, the teacher's, and the task grid + curve
+    from skimage import io
+
+    for r in results:
+        assert io.imread(str(tmp_path / r["image"])).shape == (64, 64, 3)
+        assert io.imread(str(tmp_path / r["teacher_image"])).shape == (64, 64, 3)
+    assert io.imread(str(tmp_path / "images" / "sr2__input.png")).shape == (32, 32, 3)
+    grid = io.imread(str(tmp_path / "grid_sr2.png"))
+    assert grid.shape[0] > 300 and grid.shape[1] > 500  # 2 rows (none, identity) x 4 panels
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    assert "grid_sr2.png" in (tmp_path / "report.md").read_text()
+
+
+def _fake_run(defence, attacker, seed, psnr, layers=("body.*.conv2",)):
+    return {"task": "sr2", "student": "tiny", "seed": seed, "student_params": 1,
+            "defence": {"name": defence, "layers": list(layers) if defence != "none" else [], "rank": 4,
+                        "gain": 2.0, "mode": "channel", "placement": "inline"},
+            "attacker": {"name": attacker}, "student_metrics": {"psnr": psnr, "ssim": 0.9},
+            "teacher_served": {"psnr": 30.0, "ssim": 0.9}, "teacher_original": {"psnr": 31.0, "ssim": 0.9}}
+
+
+def test_summary_pairs_drops_by_seed():
+    """Drops are per seed (same query set and initialisation), then mean and std; strip is paired with naive."""
+    from attacks.suite import summarize
+
+    runs = [_fake_run("none", "naive", 0, 30.0), _fake_run("none", "naive", 1, 29.0),
+            _fake_run("h2", "naive", 0, 29.5), _fake_run("h2", "naive", 1, 28.0),
+            _fake_run("h2", "strip", 0, 30.0), _fake_run("h2", "strip", 2, 27.0)]  # seed 2: no partner
+    rows = {(r["defence"], r["attacker"]): r for r in summarize(runs)["rows"]}
+    naive = rows[("h2", "naive")]
+    assert naive["student_psnr_drop"] == pytest.approx(0.75) and naive["student_psnr_drop_std"] == pytest.approx(0.25)
+    assert naive["paired_seeds"] == 2 and naive["teacher_psnr_drop"] == pytest.approx(1.0)
+    strip = rows[("h2", "strip")]
+    assert strip["student_psnr_drop"] == pytest.approx(0.0) and strip["paired_seeds"] == 1 and strip["seeds"] == 2
+    assert rows[("none", "naive")]["student_psnr_drop"] is None
 
 
 def test_metrics_match_scikit_image():
@@ -119,3 +154,35 @@ def test_metrics_match_scikit_image():
     assert ssim(a, b) == pytest.approx(ref, abs=1e-12)
     assert psnr(a, b, crop_border=4) == pytest.approx(
         peak_signal_noise_ratio(a[:, 4:-4, 4:-4], b[:, 4:-4, 4:-4], data_range=1.0), abs=1e-9)
+
+
+@pytest.mark.parametrize("text,words", [
+    ('tasks = ["sr3"]\n[[defences]]\nname = "none"\n', ("task", "sr3", "sr2")),
+    ('attackers = ["thief"]\n[[defences]]\nname = "none"\n', ("attacker", "thief", "naive")),
+    ('stepz = 3\n', ("unknown key", "stepz")),
+    ('[[defences]]\nname = "h2"\nlayers = ["body.*.conv2"]\n', ("undefended", "none")),
+    ('attackers = ["naive"]\n[[defences]]\nname = "none"\nattackers = ["strip"]\n', ("strip",)),
+    ('[[defences]]\nname = "none"\ngian = 2\n', ("gian",)),
+    ('tasks = [\n', ("not valid TOML",)),
+])
+def test_bad_suite_files_are_refused_clearly(tmp_path, text, words):
+    from click.testing import CliRunner
+
+    from attacks.cli import main
+
+    suite = tmp_path / "s.toml"
+    suite.write_text(text)
+    result = CliRunner().invoke(main, ["run", str(suite), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert all(w in result.output for w in words), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_defence_attacker_restriction_shapes_the_plan():
+    from attacks.suite import Defence, Runner, Suite
+
+    suite = Suite(tasks=["sr2"], attackers=["naive", "features", "strip", "ground_truth"], students=["tiny"],
+                  defences=[Defence("none", attackers=["naive", "ground_truth"]),
+                            Defence("tap", layers=["body.*.conv2"], placement="tap", attackers=["features"])])
+    plan = {(d.name, a) for _, d, a, _, _ in Runner.plan(type("R", (), {"suite": suite})())}
+    assert plan == {("none", "naive"), ("none", "ground_truth"), ("tap", "features")}
