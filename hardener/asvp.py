@@ -56,21 +56,25 @@ class AsvpParams:
     # Subspace iteration runs on G^(2^squarings): each squaring halves the iterations (and nodes) for the same
     # convergence, but directions with (s_k/s_1)^(2^(squarings+1)) below the precision's resolution are lost.
     # Measured on real maps (tests/test_asvp.py): float64 with 2 squarings and 8 iterations matches 32 plain
-    # iterations (<= 1.6e-5 of the SVD where s(k+1)/s(k) <= 0.8) for k <= 4; k = 8 in spatial mode needs 1
-    # squaring (2 gives 1.8e-2); float32 with one squaring already gives 2.5e-3.  None picks: 0 for float32,
-    # 2 for float64 with k <= 4, else 1.
+    # iterations (<= 1.6e-5 of the SVD where s(k+1)/s(k) <= 0.8) for k <= 4; k = 8 needs 1 squaring (2 give
+    # 1.8e-2); float32 with one squaring already gives 2.5e-3.  A squaring costs rows^3 multiply-adds: nothing
+    # for channel mode's C x C, but for spatial mode's H x H (H = 256: 32 x 17 M per map) it costs more than
+    # the iterations it saves (measured: 1.54x instead of 1.25x for one insertion at 256^2).
+    # None picks: 0 for float32 or spatial mode, else 2 for k <= 4 and 1 above.
     squarings: int | None = None
     # Arithmetic of the small rows x rows spectral part (squarings and iterations); the Gram matrix and the
-    # reconstruction are float32.
-    precision: str = "float64"
+    # reconstruction are float32.  None picks float64 in channel mode (C x C: free, and it allows squarings)
+    # and float32 in spatial mode (H x H iterations are real arithmetic there).
+    precision: str | None = None
 
     def resolved(self) -> "AsvpParams":
         """These parameters with ``None`` (automatic) values replaced by the ones that will be used."""
+        precision = self.precision or ("float64" if self.mode == "channel" else "float32")
         squarings = self.squarings
         if squarings is None:
-            squarings = 0 if self.precision == "float32" else (2 if self.rank <= 4 else 1)
+            squarings = 0 if (precision == "float32" or self.mode == "spatial") else (2 if self.rank <= 4 else 1)
         iterations = self.iterations if self.iterations is not None else max(1, 32 >> squarings)
-        return replace(self, squarings=squarings, iterations=iterations)
+        return replace(self, precision=precision, squarings=squarings, iterations=iterations)
 
     def check(self) -> None:
         from .errors import UsageError
@@ -85,7 +89,7 @@ class AsvpParams:
             raise UsageError(f"iterations must be between 1 and 256, got {self.iterations}")
         if self.seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {self.seed}")
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.squarings is not None and not 0 <= self.squarings <= 3:
             raise UsageError(f"squarings must be between 0 and 3, got {self.squarings}")

@@ -69,11 +69,12 @@ def _demo_paths() -> tuple[Path, Path, Path]:
                    "faster and coarser.")
 @click.option("--squarings", type=int, default=None, metavar="S",
               help="Iterate on G squared S times: each squaring halves the iterations (and the inserted nodes) "
-                   "for the same accuracy. Default: 2 for k <= 4, 1 for larger k, 0 with --precision float32.")
-@click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="float64", show_default=True,
+                   "for the same accuracy. Default: 2 for k <= 4, 1 for larger k, 0 in spatial mode or with "
+                   "--precision float32.")
+@click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default=None,
               help="Arithmetic of the small C x C (or H x H) spectral part; the Gram matrix and the "
-                   "reconstruction are float32 either way. float32 cannot use squarings (it loses weak "
-                   "directions), so it needs 32 iterations: about 3x the nodes.")
+                   "reconstruction are float32 either way. Default: float64 in channel mode (it allows the "
+                   "squarings), float32 in spatial mode (no squarings: H x H cubes cost more than they save).")
 @click.option("--adaptive-energy", type=float, default=None, metavar="P",
               help="Adaptive k: per input, the smallest k' <= k whose top-k' energy reaches fraction P.")
 @click.option("--seed", type=int, default=0, show_default=True,

@@ -191,6 +191,11 @@ def validate(
         result.outputs[name] = entry
         _check_budgets(name, entry, budgets, result.failures)
     result.layers = _layer_stats(hardened_path, hardened_model, insertions, params, feeds, providers, tf32)
+    for layer in result.layers:  # an insertion that changes nothing protects nothing: never a pass
+        if params.gain != 1.0 and layer.get("unperturbed"):
+            result.failures.append(
+                f"layer {layer['layer']}: the subgraph left every probe input unchanged (max|X| = "
+                f"{layer['max_abs']:.3g}: outside the float32 Gram matrix's range of about 1e-17..1e17)")
     return result
 
 
@@ -237,9 +242,12 @@ def _layer_stats(hardened_path: Path, model: onnx.ModelProto, insertions: list, 
     stats = []
     for ins in insertions:
         errs, errs_gapped, gaps, energy, ranks = [], [], [], [], []
+        unchanged, max_abs = True, 0.0
         for run in runs:
             x = run[ins.source].astype(np.float64)
             y = run[ins.output].astype(np.float64)
+            unchanged &= bool(np.array_equal(x, y)) and bool(np.any(x))
+            max_abs = max(max_abs, float(np.max(np.abs(x))) if x.size else 0.0)
             ref = asvp_reference(x, params)
             gap = spectral_gap(ref.singular_values, params.rank)
             gaps.append(gap.ravel())
@@ -264,5 +272,7 @@ def _layer_stats(hardened_path: Path, model: onnx.ModelProto, insertions: list, 
             "reference_rel_error": float(np.max(errs)),
             f"reference_rel_error_gap_le_{GAP_LIMIT}": float(np.max(errs_gapped)) if errs_gapped else None,
             "probe_samples": len(runs),
+            "max_abs": max_abs,
+            "unperturbed": unchanged,
         })
     return stats

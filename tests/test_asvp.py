@@ -162,6 +162,9 @@ def test_default_schedule_and_node_budget():
     CPU/CUDA overhead is mostly per node, so this guards the benchmark's numbers structurally."""
     p = AsvpParams().resolved()
     assert (p.precision, p.squarings, p.iterations) == ("float64", 2, 8)
+    p = AsvpParams(mode="spatial").resolved()  # H x H squarings would cost more than they save
+    assert (p.precision, p.squarings, p.iterations) == ("float32", 0, 32)
+    assert AsvpParams(mode="spatial", precision="float64").resolved().squarings == 0
     assert AsvpParams(rank=8).resolved().squarings == 1 and AsvpParams(rank=8).resolved().iterations == 16
     assert AsvpParams(precision="float32").resolved().squarings == 0
     assert AsvpParams(precision="float32").resolved().iterations == 32

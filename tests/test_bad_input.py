@@ -667,3 +667,28 @@ def test_no_layers(chain):
 def test_no_model():
     res = run_cli("--layers", "op:Conv")
     assert_fails(res, 2, "MODEL")
+
+
+def test_layer_out_of_the_subgraphs_range_fails_validation(tmp_path):
+    """Activations around 1e25 overflow the float32 Gram matrix: the subgraph passes them through unchanged
+    (never NaN), and validation must say so and fail rather than pass an unprotected model."""
+    from onnx import numpy_helper
+
+    from hardener.api import HardenConfig, harden
+    from hardener.validate import Budgets
+
+    model = chain_model()
+    for init in model.graph.initializer:
+        if init.name == "conv_0.weight":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1e25), init.name))
+    src = save(model, tmp_path / "huge.onnx")
+    result = harden(src, tmp_path / "out.onnx", HardenConfig(layers=["node:relu_0"], budgets=Budgets(
+        min_psnr=None, max_psnr_drop=None)))
+    assert result.report["status"] == "FAILED" and result.report["exit_code"] == 1
+    assert any("left every probe input unchanged" in f for f in result.report["failures"]), result.report["failures"]
+    layer = result.report["validation"]["layers"][0]
+    assert layer["unperturbed"] and layer["max_abs"] > 1e20
+    # the same model at a normal scale is perturbed and passes
+    ok = harden(save(chain_model(), tmp_path / "ok.onnx"), tmp_path / "ok.out.onnx",
+                HardenConfig(layers=["node:relu_0"], budgets=Budgets(min_psnr=None, max_psnr_drop=None)))
+    assert ok.report["status"] == "PASSED" and not ok.report["validation"]["layers"][0]["unperturbed"]
