@@ -200,7 +200,7 @@ def build_asvp(
                             final=i == params.iterations - 1)
 
     if params.adaptive_energy is not None:
-        # Rayleigh quotients q_j^T G q_j estimate the energy sigma_j^2 each column captures (of the scaled
+        # Rayleigh quotients q_j^T G q_j estimate the energy sigma_j^2 each column captures (of the normalised
         # matrix); trace(G) is the total.  Columns after the one that reaches p of the total are masked out.
         energy = b.axes_op("ReduceSum", b.op("Mul", [q, b.op("MatMul", [gram, q])]), [-2])  # (.., 1, k)
         total = b.axes_op("ReduceSum", b.op("Where", [diagonal(), gram, b.const(0.0)]), [-2, -1])  # trace

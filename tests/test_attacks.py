@@ -186,3 +186,10 @@ def test_defence_attacker_restriction_shapes_the_plan():
                             Defence("tap", layers=["body.*.conv2"], placement="tap", attackers=["features"])])
     plan = {(d.name, a) for _, d, a, _, _ in Runner.plan(type("R", (), {"suite": suite})())}
     assert plan == {("none", "naive"), ("none", "ground_truth"), ("tap", "features")}
+
+
+def test_run_files_have_portable_names():
+    from attacks.suite import run_key
+
+    key = run_key("sr2", "asvp-k4-h2", "naive", "spandrel:SwinIR", 1)
+    assert key == "sr2__asvp-k4-h2__naive__spandrel-SwinIR__s1" and ":" not in key
