@@ -43,6 +43,9 @@ class Defence:
     placement: str = "inline"
     adaptive_energy: float | None = None
     attackers: list[str] | None = None  # restrict the suite's attackers for this defence (None: all)
+    # what student drops are measured against: the undefended teacher, or another defence (for example an
+    # identity-gain tap, so a feature-distilling thief is compared with one that sees clean features)
+    baseline: str = "none"
 
 
 @dataclass
@@ -107,6 +110,9 @@ class Suite:
             raise ValueError(f"defence names must be unique, got {names}")
         if not any(not d.layers for d in self.defences):
             raise ValueError("a suite needs the undefended teacher: add [[defences]] name = \"none\"")
+        for d in self.defences:
+            if d.baseline not in names:
+                raise ValueError(f"defence {d.name}: baseline {d.baseline!r} is not a defence of this suite")
 
     @classmethod
     def quick(cls) -> "Suite":
@@ -256,14 +262,20 @@ class Runner:
         return result
 
     def collect(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*.json"))]
+        """Every finished run; the suite file's baselines apply (it is the authority on comparisons)."""
+        baselines = {d.name: d.baseline for d in self.suite.defences}
+        results = [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*.json"))]
+        for r in results:
+            r["defence"]["baseline"] = baselines.get(r["defence"]["name"], r["defence"].get("baseline", "none"))
+        return results
 
 
 def summarize(results: list[dict]) -> dict:
-    """Per (task, defence, attacker, student): mean/std over seeds, and drops against the undefended run.
+    """Per (task, defence, attacker, student): mean/std over seeds, and drops against the baseline run.
 
     A drop is paired by seed (the same student, attacker, query set and initialisation distilled from the
-    undefended teacher, minus this one); its std over seeds is the spread.  Strip is compared with naive.
+    defence's baseline teacher, by default the undefended one, minus this one); its std over seeds is the
+    spread.  Strip is compared with naive.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -275,8 +287,9 @@ def summarize(results: list[dict]) -> dict:
         p = [r["student_metrics"]["psnr"] for r in runs]
         s = [r["student_metrics"]["ssim"] for r in runs]
         ref_attacker = "naive" if attacker == "strip" else attacker
-        ref = {r["seed"]: r for r in groups.get((task, "none", ref_attacker, student), [])} \
-            if defence != "none" else {}
+        baseline = runs[0]["defence"].get("baseline", "none")
+        ref = {r["seed"]: r for r in groups.get((task, baseline, ref_attacker, student), [])} \
+            if defence != baseline else {}
         paired = [(ref[r["seed"]]["student_metrics"], r["student_metrics"]) for r in runs if r["seed"] in ref]
         drops = [a["psnr"] - b["psnr"] for a, b in paired]
         ssim_drops = [100 * (a["ssim"] - b["ssim"]) / a["ssim"] for a, b in paired]
@@ -284,6 +297,7 @@ def summarize(results: list[dict]) -> dict:
         rows.append({
             "task": task, "defence": defence, "attacker": attacker, "student": student,
             "student_params": t.get("student_params"), "seeds": len(runs), "paired_seeds": len(paired),
+            "baseline": baseline,
             "placement": d.get("placement"), "mode": d.get("mode"), "rank": d.get("rank") if d["layers"] else None,
             "gain": d.get("gain") if d["layers"] else None, "layers": d["layers"],
             "student_psnr": float(np.mean(p)), "student_psnr_std": float(np.std(p)),
@@ -315,8 +329,9 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
     lines = ["# Attack report", "",
              "Students are distilled from the teacher's answers to the thief's queries (black box, ONNX "
              "Runtime) and evaluated on held-out photos: " + ("; ".join(conventions) or "-") + ".", "",
-             "`student drop` = the same student, attacker and seed distilled from the undefended teacher minus "
-             "this one, mean +- std over seeds (positive = protection; strip is compared with naive). "
+             "`student drop` = the same student, attacker and seed distilled from the baseline teacher (the "
+             "undefended one unless the row says otherwise) minus this one, mean +- std over seeds (positive = "
+             "protection; strip is compared with naive). "
              "`teacher drop` = what the defence costs the teacher against ground truth.", "",
              "## Defences", "",
              "| task | defence | placement | mode | k | h | layers | teacher PSNR | teacher drop (dB) | "
@@ -335,7 +350,8 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
               "SSIM drop (%) | teacher drop (dB) |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['defence']} | {r['attacker']} | {r['student']} | {r['seeds']} | "
+        vs = "" if r["baseline"] == "none" else f" (vs {r['baseline']})"
+        lines.append(f"| {r['task']} | {r['defence']}{vs} | {r['attacker']} | {r['student']} | {r['seeds']} | "
                      f"{r['student_psnr']:.2f} | {r['student_psnr_std']:.2f} | {_fmt(r['student_psnr_drop'], '.2f')} | "
                      f"{_fmt(r['student_psnr_drop_std'], '.2f')} | {_fmt(r['student_ssim_drop_pct'], '.1f')} | "
                      f"{r['teacher_psnr_drop']:.3f} |")

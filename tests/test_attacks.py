@@ -138,6 +138,14 @@ def test_summary_pairs_drops_by_seed():
     strip = rows[("h2", "strip")]
     assert strip["student_psnr_drop"] == pytest.approx(0.0) and strip["paired_seeds"] == 1 and strip["seeds"] == 2
     assert rows[("none", "naive")]["student_psnr_drop"] is None
+    # a defence measured against another one (a feature thief with clean taps) instead of the undefended teacher
+    tap = [dict(_fake_run("tap-h1", "features", s, 30.0 - s)) for s in (0, 1)] + \
+          [dict(_fake_run("tap-h2", "features", s, 29.0 - s)) for s in (0, 1)]
+    for r in tap:
+        r["defence"]["baseline"] = "tap-h1" if r["defence"]["name"] == "tap-h2" else "none"
+    rows = {r["defence"]: r for r in summarize(tap)["rows"]}
+    assert rows["tap-h2"]["student_psnr_drop"] == pytest.approx(1.0) and rows["tap-h2"]["baseline"] == "tap-h1"
+    assert rows["tap-h1"]["student_psnr_drop"] is None  # no undefended features run to compare with
 
 
 def test_metrics_match_scikit_image():
@@ -163,6 +171,7 @@ def test_metrics_match_scikit_image():
     ('[[defences]]\nname = "h2"\nlayers = ["body.*.conv2"]\n', ("undefended", "none")),
     ('attackers = ["naive"]\n[[defences]]\nname = "none"\nattackers = ["strip"]\n', ("strip",)),
     ('[[defences]]\nname = "none"\ngian = 2\n', ("gian",)),
+    ('[[defences]]\nname = "none"\n[[defences]]\nname = "t"\nlayers = ["x"]\nbaseline = "tap"\n', ("baseline", "tap")),
     ('tasks = [\n', ("not valid TOML",)),
 ])
 def test_bad_suite_files_are_refused_clearly(tmp_path, text, words):
