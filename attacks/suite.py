@@ -377,7 +377,7 @@ def draw(summary: dict, results: list[dict], out: Path) -> list[str]:
             mine = [r for r in runs if r["defence"]["name"] == defence]
             first = mine[0]
             ts = first["teacher_served"]["per_image_psnr"][0]
-            row = [(f"input", out / "images" / f"{task}__input.png"),
+            row = [("input", out / "images" / f"{task}__input.png"),
                    ("ground truth", out / "images" / f"{task}__truth.png"),
                    (f"teacher [{defence}] {ts:.2f} dB", out / first["teacher_image"] if first.get("teacher_image") else None)]
             for student in students:
