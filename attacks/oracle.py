@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from hardener.rewrite import NODE_PREFIX, TAP_PREFIX, read_manifest
+from hardener.rewrite import MANIFEST_KEY, NODE_PREFIX, TAP_PREFIX, read_manifest
 
 PATTERN = re.compile(re.escape(NODE_PREFIX) + r"_\d+/")
 
@@ -22,14 +22,10 @@ class Oracle:
     """Batched ONNX Runtime inference on CPU (or the providers given), counting every image queried."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
+        from hardener.validate import make_session
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.session = make_session(Path(path), providers or ["CPUExecutionProvider"], tf32=False,
+                                    threads=threads)
         self.input = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = outputs[0]
@@ -103,7 +99,7 @@ def strip_asvp(model: onnx.ModelProto, use_manifest: bool = True) -> tuple[onnx.
     outputs = [o for o in graph.output if o.name not in drop_outputs]
     del graph.output[:]
     graph.output.extend(outputs)
-    meta = [p for p in out.metadata_props if p.key != "hardener.manifest"]
+    meta = [p for p in out.metadata_props if p.key != MANIFEST_KEY]
     del out.metadata_props[:]
     out.metadata_props.extend(meta)
     return out, len(groups)

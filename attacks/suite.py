@@ -133,6 +133,7 @@ class Runner:
         self._answers: dict[str, tuple] = {}
         self._teacher_metrics: dict[str, dict] = {}
         self._eval: dict[str, list] = {}
+        self._train_photos = None
 
     def eval_set(self, task: str) -> list:
         """The held-out evaluation images of ``task``, built once per runner."""
@@ -192,7 +193,9 @@ class Runner:
 
         key = f"{task}|{path}|{seed}"
         if key not in self._answers:
-            inputs, truth = make_pairs(task, load_photos("train"), hr_size=self.suite.patch,
+            if self._train_photos is None:
+                self._train_photos = load_photos("train")
+            inputs, truth = make_pairs(task, self._train_photos, hr_size=self.suite.patch,
                                        count=self.suite.queries, seed=1000 + seed)
             answers, feats = Oracle(path)(inputs, features=True)
             self._answers = {key: (inputs, truth, answers, feats)}  # keep one: memory stays bounded
@@ -201,8 +204,9 @@ class Runner:
     # -- runs -------------------------------------------------------------------------------------------
     def plan(self) -> list[tuple]:
         s = self.suite
-        return [(t, d, a, st, seed) for t in s.tasks for d in s.defences for a in s.attackers
-                for st in s.students for seed in s.seeds
+        # seed outside attacker/student: consecutive runs share one query set and its answers (cached)
+        return [(t, d, a, st, seed) for t in s.tasks for d in s.defences for seed in s.seeds
+                for a in s.attackers for st in s.students
                 if (d.attackers is None or a in d.attackers)
                 and not (ATTACKERS[a].strip and not d.layers)  # nothing to strip from an undefended teacher
                 and not (ATTACKERS[a].ground_truth and d.layers)]  # the ground-truth control needs no teacher

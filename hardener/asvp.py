@@ -176,7 +176,7 @@ def build_asvp(
     # range (non-finite G) the matrix is passed through unperturbed, never as NaN.
     gram32 = b.op("MatMul", [m32, b.op("Transpose", [m32], perm=_swap_last_two(params.mode))])
     gram = gram32 if compute == TensorProto.FLOAT else b.op("Cast", [gram32], to=compute)
-    size = b.axes_op("ReduceSum", b.op("Abs", [gram]), [-2, -1])  # (.., 1, 1)
+    size = b.axes_op("ReduceSum", gram, [-2, -1])  # (.., 1, 1): inf or NaN if any entry is
     finite = b.op("Not", [b.op("Or", [b.op("IsInf", [size]), b.op("IsNaN", [size])])])
     gram = b.op("Where", [finite, gram, b.const(0.0)])
     # The small rows x rows spectral part runs in ``precision``, on G^(2^s) renormalised by its largest entry

@@ -170,10 +170,8 @@ def save_model(model: onnx.ModelProto, output: Path, source: LoadedModel) -> lis
     written = []
     if source.external_files:
         renames = {}
-        for i, location in enumerate(source.external_files):
-            suffix = ".data" if len(source.external_files) == 1 else f".{i}.data"
-            new_location = output.name + suffix
-            dest = output.parent / new_location
+        for location, dest in zip(source.external_files, output_files(source, output)[1:]):
+            new_location = dest.name
             atomic_write(None, source.path.parent / location, dest)
             renames[location] = new_location
             written.append(dest)

@@ -114,7 +114,7 @@ def make_session(source: Path | bytes, providers: list[str], tf32: bool, threads
     return session
 
 
-def _probe_model(model: onnx.ModelProto, tensors: list[tuple[str, int]]) -> onnx.ModelProto:
+def probe_model(model: onnx.ModelProto, tensors: list[tuple[str, int]]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs ``tensors`` (name, elem type)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -233,7 +233,7 @@ def _layer_stats(hardened_path: Path, model: onnx.ModelProto, insertions: list, 
     fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".onnx", dir=hardened_path.parent)
     os.close(fd)
     try:  # beside the hardened model, so relative external-data locations still resolve
-        onnx.save(_probe_model(model, wanted), tmp)
+        onnx.save(probe_model(model, wanted), tmp)
         session = make_session(Path(tmp), providers, tf32)
         names = [name for name, _ in wanted]
         runs = [dict(zip(names, session.run(names, feed))) for feed in feeds]

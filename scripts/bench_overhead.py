@@ -40,7 +40,7 @@ import onnx
 
 from hardener.api import HardenConfig, harden
 from hardener.asvp import PRECISIONS, AsvpParams, standalone_model
-from hardener.validate import make_session, resolve_providers
+from hardener.validate import make_session, probe_model, resolve_providers
 
 TEACHER = Path(__file__).resolve().parents[1] / "hardener" / "assets" / "sr_x2.onnx"
 LAYER_SETS = {1: ["body.1.conv2"], 3: ["body.0.conv2", "body.1.conv2", "body.2.conv2"]}
@@ -133,8 +133,8 @@ def feature_map(model: Path, size: int, providers, threads) -> np.ndarray:
 
     proto = onnx.load(str(model))
     [(_, layer)] = LayerIndex(proto).select([PROBE_LAYER])
-    proto.graph.output.append(onnx.helper.make_tensor_value_info(layer.tensor, onnx.TensorProto.FLOAT, None))
-    session = make_session(proto.SerializeToString(), providers, tf32=False, threads=threads)
+    probe = probe_model(proto, [(layer.tensor, layer.elem_type)])
+    session = make_session(probe.SerializeToString(), providers, tf32=False, threads=threads)
     x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
     return session.run([layer.tensor], {session.get_inputs()[0].name: x})[0]
 
