@@ -13,7 +13,12 @@ in ``precision`` (float64 by default), squared ``squarings`` times; then Q <- or
 ("CGS2") in the last.  The start block is a deterministic function of ``seed`` and the row index
 (cos(a_j i + b_j)), so it works for dynamic shapes and gives the same result on every runtime.  Channel mode
 with at most DENSE_MAX_CHANNELS static channels applies (I + (h-1) Q Q^T) to M as one product; otherwise the
-low-rank form above.
+low-rank form above.  With a static channel count divisible by LAYOUT_CHANNEL_MULTIPLE the subgraph ends with an
+identity depthwise 1x1 convolution, so that ONNX Runtime's CPU blocked (NCHWc) layout survives the insertion
+(see build_asvp).
+
+Cost: on CPU the spectral part (about 300 tiny nodes at k = 4) takes about 0.2 ms per insertion; what costs is
+the passes over the large map (the Gram matrix, the update, and the layout reorders around them).
 
 Numerical safety:
 - G is unscaled (a pre-scaling pass cost a third of the subgraph's time): exact wherever the float32 sum of
@@ -151,6 +156,9 @@ class GraphBuilder:
 # above it the low-rank form M + Q ((h-1) Q^T M) is cheaper despite its extra passes.  Measured on CPU
 # (ORT 1.32, 1 thread, 256x256 maps, k=4): C=16 dense 3.0 ms vs low-rank 3.5; C=32 6.7 vs 7.2; C=64 20.6 vs 18.0.
 DENSE_MAX_CHANNELS = 32
+# Static channel counts that end the subgraph with an identity depthwise convolution (see build_asvp): ONNX
+# Runtime's NCHWc blocks are 8 (AVX2) or 16 (AVX-512) channels, and it keeps other counts in plain NCHW.
+LAYOUT_CHANNEL_MULTIPLE = 8
 
 
 def build_asvp(
@@ -223,6 +231,16 @@ def build_asvp(
         y = b.op("Add", [m32, b.op("MatMul", [q32, coeff])])
     if params.mode == "channel":
         y = b.op("Reshape", [y, b.op("Shape", [x32])])
+    if channels is not None and channels % LAYOUT_CHANNEL_MULTIPLE == 0:
+        # An identity depthwise 1x1 convolution (weights 1, no bias: exact) as the last node.  ONNX Runtime's
+        # CPU layout pass (NCHWc, at the default optimisation level) keeps a chain of convolutions and residual
+        # Adds in a blocked layout only while every producer is one of its layout-aware ops; a MatMul/Add
+        # output breaks the chain for the rest of the network, every later block paying a reorder out, an
+        # unfused Add and a reorder in.  Measured on edsr20 (CPU, 2 threads, 256^2, k = 4, 3 runs each):
+        # hardened/original 1.16-1.17 without it, 1.10-1.14 with it at 3 points, 1.09-1.13 vs 1.03-1.05 at one.
+        # Where the runtime has no such layout (CUDA, other channel counts) it costs one pass over the map.
+        y = b.op("Conv", [y, b.const(np.ones((channels, 1, 1, 1)), np.float32, "identity")],
+                 group=channels, kernel_shape=[1, 1])
     if elem_type == TensorProto.FLOAT:
         b.op("Identity", [y], [out])
     else:

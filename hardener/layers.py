@@ -29,8 +29,11 @@ import onnx
 from onnx import TensorProto
 
 from .errors import UsageError
+from .report import printable
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+MAX_SCOPES_TEXT = 16384  # characters; real exports write a few hundred (one entry per enclosing module)
+MAX_SCOPES_NESTING = 2  # brackets: a flat list of strings
 FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 
 
@@ -59,15 +62,66 @@ class Layer:
         return "x".join("?" if d is None else str(d) for d in self.shape)
 
 
+def normalize_layers(layers) -> list[str]:
+    """The API's ``layers`` as a list of selectors: one string is one selector (not one per character);
+    an empty list, or anything but strings, is a usage error (hardening nothing would "pass")."""
+    if isinstance(layers, str):
+        return [layers]
+    if layers is None:
+        raise UsageError("layers is None: give at least one layer selector (harden MODEL --list-layers "
+                         "lists candidates)")
+    try:
+        items = list(layers)
+    except TypeError:
+        raise UsageError(f"layers must be a selector string or a list of them, got {type(layers).__name__}") \
+            from None
+    if not items:
+        raise UsageError("layers is empty: give at least one layer selector (harden MODEL --list-layers lists "
+                         "candidates); hardening nothing would pass without protecting anything")
+    bad = [x for x in items if not isinstance(x, str)]
+    if bad:
+        raise UsageError(f"layers must be selector strings, got {type(bad[0]).__name__} {printable(repr(bad[0]))}")
+    return items
+
+
+def parse_name_scopes(text: str) -> list[str] | None:
+    """``pkg.torch.onnx.name_scopes`` as a list of strings, or None when it is not one.
+
+    The value comes from the model file, so it is parsed defensively: longer than ``MAX_SCOPES_TEXT`` or
+    nested more than a flat list, it is not parsed at all (``ast.literal_eval`` on a huge or deeply nested
+    string can exhaust memory or the stack), and any parse error or a value that is not a list of strings
+    means "absent" rather than an error.
+    """
+    if not isinstance(text, str) or len(text) > MAX_SCOPES_TEXT:
+        return None
+    depth = deepest = 0
+    for ch in text:  # brackets inside quoted names are rare; an overcount only makes us skip the metadata
+        if ch in "[(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "])":
+            depth -= 1
+        if deepest > MAX_SCOPES_NESTING:
+            return None
+    try:
+        scopes = ast.literal_eval(text)
+    except BaseException as exc:  # noqa: BLE001 - SyntaxError, ValueError, MemoryError, RecursionError, ...
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return None
+    if not isinstance(scopes, (list, tuple)) or not all(isinstance(x, str) for x in scopes):
+        return None
+    return list(scopes)
+
+
 def module_scopes_of(node: onnx.NodeProto) -> list[str]:
-    """Module paths enclosing ``node``, outermost first ([] when the exporter left no trace)."""
+    """Module paths enclosing ``node``, outermost first ([] when the exporter left no (usable) trace)."""
     for prop in node.metadata_props:
         if prop.key == NAME_SCOPES_KEY:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
+            scopes = parse_name_scopes(prop.value)
+            if scopes is None:
                 return []
-            return [s for s in scopes[1:-1] if isinstance(s, str) and s]
+            return [s for s in scopes[1:-1] if s]
     if node.name.startswith("/") and node.name.count("/") >= 2:
         paths, prefix = [], ""
         for seg in node.name.strip("/").split("/")[:-1]:
@@ -181,7 +235,7 @@ class LayerIndex:
                     outs = [o for o in nodes[0].output if o]
                     if len(outs) != 1:
                         raise UsageError(f"selector '{selector}' is ambiguous: node '{value}' has "
-                                         f"{len(outs)} outputs ({', '.join(outs)}); use tensor:NAME")
+                                         f"{len(outs)} outputs ({', '.join(map(printable, outs))}); use tensor:NAME")
                     return [self.layers[outs[0]]]
                 self._no_match(selector, value, list(self.node_names))
             if kind == "tensor":
@@ -226,27 +280,41 @@ class LayerIndex:
                 if len(paths) > 1:
                     continue  # a pattern spanning containers: keep the modules with one output
                 raise UsageError(f"selector '{selector}' is ambiguous: module '{path}' has {len(outs)} "
-                                 f"outputs ({', '.join(outs) or 'none'}); select one with tensor:NAME")
+                                 f"outputs ({', '.join(map(printable, outs)) or 'none'}); select one with tensor:NAME")
             layers.append(self.layers[outs[0]])
         if not layers:
-            raise UsageError(f"selector '{selector}' matched modules {paths[:5]} but none has a single output")
+            raise UsageError(f"selector '{printable(selector)}' matched modules "
+                             f"{', '.join(map(printable, paths[:5]))} but none has a single output")
         return layers
 
     def _no_match(self, selector: str, value: str, pool: list[str]) -> None:
         near = difflib.get_close_matches(value, pool, n=5, cutoff=0.5)
-        hint = f"; near misses: {', '.join(near)}" if near else ""
-        raise UsageError(f"selector '{selector}' matched nothing{hint} (harden MODEL --list-layers lists "
-                         "every candidate)")
+        hint = f"; near misses: {', '.join(map(printable, near))}" if near else ""
+        raise UsageError(f"selector '{printable(selector)}' matched nothing{hint} (harden MODEL --list-layers "
+                         "lists every candidate)")
 
     def _check_feature(self, selector: str, layer: Layer) -> None:
-        near = ", ".join(l.label() for l in self.feature_layers()[:5])
+        P = printable
+        near = ", ".join(P(l.label()) for l in self.feature_layers()[:5])
+        what = f"selector '{P(selector)}' -> tensor '{P(layer.tensor)}'"
         if layer.rank is None:
-            raise UsageError(f"selector '{selector}' -> tensor '{layer.tensor}' has unknown rank (shape "
-                             "inference could not type it); harden needs (N, C, H, W) feature maps")
+            raise UsageError(f"{what} has unknown rank (shape inference could not type it); harden needs "
+                             "(N, C, H, W) feature maps")
         if layer.rank != 4:
-            raise UsageError(f"selector '{selector}' -> tensor '{layer.tensor}' has shape "
-                             f"{layer.shape_text()}, not a 4D (N, C, H, W) feature map; 4D candidates: {near}")
+            raise UsageError(f"{what} has shape {P(layer.shape_text())}, not a 4D (N, C, H, W) feature map; "
+                             f"4D candidates: {near}")
         if layer.elem_type not in FLOAT_TYPES:
-            name = TensorProto.DataType.Name(layer.elem_type) if layer.elem_type else "unknown"
-            raise UsageError(f"selector '{selector}' -> tensor '{layer.tensor}' is {name}; harden "
-                             "supports float32, float16 and bfloat16 feature maps")
+            name = TensorProto.DataType.Name(layer.elem_type) if layer.elem_type in TensorProto.DataType.values() \
+                else "unknown"
+            raise UsageError(f"{what} is {name}; harden supports float32, float16 and bfloat16 feature maps")
+        zero = [axis for axis, d in zip("NCHW", layer.shape) if d == 0]
+        if zero:
+            raise UsageError(f"{what} has shape {P(layer.shape_text())}: dimension {', '.join(zero)} is fixed at 0, "
+                             "so the map holds no values to perturb (export the model with a batch of 1 or a "
+                             "dynamic batch)")
+        if not isinstance(layer.shape[1], int) or layer.shape[1] <= 0:
+            channel = "unknown" if layer.shape[1] is None else f"symbolic ('{P(layer.shape[1])}')"
+            raise UsageError(f"{what} has shape {P(layer.shape_text())}: its channel count is {channel}, and "
+                             "hardener needs a fixed C to size the C x HW matrices and check the insertion before "
+                             "writing it; select a layer with a static C (harden MODEL --list-layers), or export "
+                             "the model with a fixed channel count")

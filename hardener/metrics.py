@@ -16,11 +16,21 @@ def _prepare(img: np.ndarray, crop_border: int, data_range: float) -> np.ndarray
     return img
 
 
+def squared_error(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, crop_border: int = 0) -> float:
+    """Mean squared error of one (C, H, W) image pair, after clipping and cropping as for PSNR."""
+    a, b = _prepare(a, crop_border, data_range), _prepare(b, crop_border, data_range)
+    return float(np.mean((a - b) ** 2))
+
+
+def psnr_of_mse(mse: float, data_range: float = 1.0) -> float:
+    """PSNR in dB of a mean squared error; inf for 0.  Over several images, pass the mean of their MSEs."""
+    mse = float(mse)
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+
+
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, crop_border: int = 0) -> float:
     """PSNR of one (C, H, W) image pair in dB; inf for identical images."""
-    a, b = _prepare(a, crop_border, data_range), _prepare(b, crop_border, data_range)
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+    return psnr_of_mse(squared_error(a, b, data_range, crop_border), data_range)
 
 
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, crop_border: int = 0) -> float:

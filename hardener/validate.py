@@ -1,13 +1,18 @@
 """Teacher-fidelity validation: run original and hardened models with ONNX Runtime and compare.
 
-Providers: ``cuda`` and/or ``cpu`` as asked, or by default CUDA when this onnxruntime build offers it and
-CPU otherwise.  A session that asked for CUDA but runs without it (ONNX Runtime logs and falls back to CPU
-without raising) is a ``ProviderUnavailableError``, never a silent pass.  TF32 is off unless asked: with it
-on, fp32 Conv/MatMul on Ampere+ differ from CPU by about 1e-3, which would blur what the hardening itself
-changes.
+Sessions come from ``hardener.runtime``.  TF32 is off unless asked: with it on, fp32 Conv/MatMul on
+Ampere+ differ from CPU by about 1e-3, which would blur what the hardening itself changes.
 
 Budgets: ``min_psnr`` (hardened vs original output, dB), ``max_psnr_drop`` (dB of PSNR against ground
 truth lost by hardening; needs ground truth), ``atol``/``rtol`` (every element |h - o| <= atol + rtol |o|).
+PSNR budgets are judged on the PSNR of the mean squared error over all validation images (one image whose
+output is unchanged, PSNR = inf, cannot mask the others); the worst image is reported beside it.
+
+Per-layer checks (the verdict must not pass a subgraph that does nothing): on probe inputs, each inserted
+subgraph's perturbation energy ||X' - X|| is compared with what the float64 SVD reference amplifies on the
+same feature map, and where the spectrum is gapped (sigma_(k+1)/sigma_k <= GAP_LIMIT) the perturbed map
+itself is compared with the reference; either off by more than ``Budgets.layer_rtol`` fails the layer.
+For inline placement with h != 1, outputs identical to the original's on every input fail the run.
 """
 from __future__ import annotations
 
@@ -18,14 +23,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
-from .errors import ProviderUnavailableError, UsageError
+from .errors import UsageError
 from .inputs import TRUTH_PREFIX, DataReader
-from .metrics import DiffStats, is_image_batch, psnr, ssim
+from .metrics import DiffStats, is_image_batch, psnr_of_mse, squared_error, ssim
+from .runtime import make_session, probe_model
 
-PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 GAP_LIMIT = 0.8  # reference agreement is judged where sigma_(k+1)/sigma_k <= this
+UNCHANGED_PSNR = 100.0  # an image output this close to the original's (RMS <= 1e-5 of the range) is unchanged
+LAYER_RTOL = 0.05
+# Tap placement: the served output is bit-identical on CPU where the tapped Conv's bias is in the file (the tap
+# reads a private copy of the Conv, so ONNX Runtime's fusions of the original are unchanged); otherwise
+# fusion differences move it by about 1.2e-7 (measured on the bundled teacher).  More than this fails.
+TAP_BOUND = 1e-6
+NOTHING_TO_AMPLIFY = 1e-6  # reference perturbation (of ||X||) below which there is no ratio to judge
+ROUNDOFF_ENERGY = 1e-2  # what a subgraph may move such a map by (fp16/bf16 maps round at about 1e-3)  # default tolerance of the per-layer energy / reference checks (relative)
 
 
 @dataclass
@@ -36,9 +49,10 @@ class Budgets:
     rtol: float | None = None
     data_range: float = 1.0
     crop_border: int = 0
+    layer_rtol: float = LAYER_RTOL
 
     def check(self) -> None:
-        for name in ("min_psnr", "max_psnr_drop", "atol", "rtol"):
+        for name in ("min_psnr", "max_psnr_drop", "atol", "rtol", "layer_rtol"):
             value = getattr(self, name)
             if value is not None and not np.isfinite(value):
                 raise UsageError(f"{name.replace('_', '-')} must be a finite number, got {value}")
@@ -46,6 +60,8 @@ class Budgets:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UsageError(f"{name.replace('_', '-')} must be >= 0, got {value}")
+        if not 0 < self.layer_rtol < 1:
+            raise UsageError(f"layer-rtol must be in (0, 1), got {self.layer_rtol}")
         if not (np.isfinite(self.data_range) and self.data_range > 0):
             raise UsageError(f"data range must be a positive number, got {self.data_range}")
         if self.crop_border < 0:
@@ -66,63 +82,82 @@ class ValidationResult:
         return not self.failures
 
 
-def resolve_providers(requested: list[str] | None) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if not requested:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available \
-            else ["CPUExecutionProvider"]
-    names = []
-    for r in requested:
-        key = r.strip().lower()
-        if key not in PROVIDER_NAMES:
-            raise UsageError(f"unknown provider '{r}'; choose from {', '.join(PROVIDER_NAMES)}")
-        names.append(PROVIDER_NAMES[key])
-    if "CUDAExecutionProvider" in names and "CUDAExecutionProvider" not in available:
-        raise ProviderUnavailableError(
-            "CUDA was requested but this onnxruntime build has no CUDAExecutionProvider "
-            f"(available: {', '.join(available)}); install the 'gpu' extra (onnxruntime-gpu, CUDA 13) "
-            "in an environment without the CPU-only onnxruntime"
-        )
-    return names
+def split_truth(feed: dict) -> tuple[dict, dict]:
+    """(model feed, {output name: ground truth}) from one reader feed."""
+    truth = {k[len(TRUTH_PREFIX):]: v for k, v in feed.items() if k.startswith(TRUTH_PREFIX)}
+    return {k: v for k, v in feed.items() if not k.startswith(TRUTH_PREFIX)}, truth
 
 
-def make_session(source: Path | bytes, providers: list[str], tf32: bool, threads: int | None = None,
-                 cuda_options: dict | None = None):
-    """An InferenceSession on a model path (or serialized bytes) that fails if CUDA was asked but not used.
-
-    ``cuda_options``: extra CUDA provider options (for example ``{"enable_cuda_graph": "1"}``).
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    cuda = {"use_tf32": "1" if tf32 else "0", **(cuda_options or {})}
-    provider_args = [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
-    model = source if isinstance(source, bytes) else str(source)
-    session = ort.InferenceSession(model, sess_options=opts, providers=provider_args)
-    ran = session.get_providers()
-    if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in ran:
-        raise ProviderUnavailableError(
-            f"CUDA was requested but the session runs on {', '.join(ran)}: the CUDA libraries could not be "
-            "loaded (check CUDA 13 / cuDNN, or `import torch` first so it loads them)"
-        )
-    return session
+def run_session(session, names: list[str], feed: dict, what: str) -> list[np.ndarray]:
+    """``session.run`` with ONNX Runtime's rejection of a feed turned into one usage-error line."""
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad feeds
+        shapes = ", ".join(f"{k} {getattr(v, 'dtype', '?')}{list(getattr(v, 'shape', []))}" for k, v in feed.items())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"ONNX Runtime could not run the {what} on a validation input ({shapes}): "
+                         f"{first[:300]}") from None
 
 
-def probe_model(model: onnx.ModelProto, tensors: list[tuple[str, int]]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs ``tensors`` (name, elem type)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name, elem_type in tensors:
-        if name not in existing:
-            probe.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
-    return probe
+class ImageStats:
+    """Squared errors per image of one image output: hardened vs original, and both vs truth."""
+
+    def __init__(self):
+        self.vs_original: list[float] = []
+        self.original_vs_truth: list[float] = []
+        self.hardened_vs_truth: list[float] = []
+        self.ssim_vs_original: list[float] = []
+        self.ssim_original_vs_truth: list[float] = []
+        self.ssim_hardened_vs_truth: list[float] = []
+
+    def summary(self, data_range: float) -> dict:
+        out = {}
+        if self.vs_original:
+            out["psnr_vs_original"] = psnr_of_mse(np.mean(self.vs_original), data_range)
+            out["psnr_vs_original_worst_image"] = psnr_of_mse(max(self.vs_original), data_range)
+            if self.ssim_vs_original:
+                out["ssim_vs_original"] = float(np.mean(self.ssim_vs_original))
+        if self.original_vs_truth:
+            out["psnr_original_vs_truth"] = psnr_of_mse(np.mean(self.original_vs_truth), data_range)
+            out["psnr_hardened_vs_truth"] = psnr_of_mse(np.mean(self.hardened_vs_truth), data_range)
+            out["psnr_drop_vs_truth"] = out["psnr_original_vs_truth"] - out["psnr_hardened_vs_truth"]
+            drops = [10 * np.log10(h / o) if o > 0 else (0.0 if h == 0 else float("inf"))
+                     for o, h in zip(self.original_vs_truth, self.hardened_vs_truth)]
+            out["psnr_drop_vs_truth_worst_image"] = float(max(drops))
+            if self.ssim_original_vs_truth:
+                out["ssim_original_vs_truth"] = float(np.mean(self.ssim_original_vs_truth))
+                out["ssim_hardened_vs_truth"] = float(np.mean(self.ssim_hardened_vs_truth))
+        return out
+
+
+def compare_outputs(names: list[str], o_outs: list, h_outs: list, truth: dict, budgets: Budgets,
+                    diffs: dict | None, image: dict, with_ssim: bool = True) -> None:
+    """Accumulate one feed's differences into ``diffs`` (DiffStats per output) and ``image`` (ImageStats)."""
+    atol = budgets.atol if budgets.atol is not None else 0.0
+    rtol = budgets.rtol if budgets.rtol is not None else 0.0
+    kw = {"data_range": budgets.data_range, "crop_border": budgets.crop_border}
+    for name, o, h in zip(names, o_outs, h_outs):
+        if diffs is not None:
+            diffs[name].add(h, o, atol, rtol)
+        if not is_image_batch(o):
+            continue
+        if 2 * budgets.crop_border >= min(o.shape[-2:]):
+            raise UsageError(f"crop border {budgets.crop_border} leaves no pixels of output '{name}' "
+                             f"({o.shape[-2]}x{o.shape[-1]})")
+        rows = image.setdefault(name, ImageStats())
+        for i in range(len(o)):
+            rows.vs_original.append(squared_error(h[i], o[i], **kw))
+            if with_ssim:
+                rows.ssim_vs_original.append(ssim(h[i], o[i], **kw))
+            if name in truth:
+                t = truth[name][i]
+                if t.shape != o[i].shape:
+                    raise UsageError(f"ground truth for '{name}' has shape {t.shape}, output has {o[i].shape}")
+                rows.original_vs_truth.append(squared_error(o[i], t, **kw))
+                rows.hardened_vs_truth.append(squared_error(h[i], t, **kw))
+                if with_ssim:
+                    rows.ssim_original_vs_truth.append(ssim(o[i], t, **kw))
+                    rows.ssim_hardened_vs_truth.append(ssim(h[i], t, **kw))
 
 
 def validate(
@@ -135,48 +170,33 @@ def validate(
     budgets: Budgets,
     providers: list[str],
     tf32: bool = False,
-    probe_samples: int = 2,
+    probe_samples: int = 4,
     progress=None,
+    placement: str = "inline",
 ) -> ValidationResult:
-    """Compare hardened against original outputs on every feed of ``reader``; check budgets."""
+    """Compare hardened against original outputs on every feed of ``reader``; check budgets and layers."""
     original = make_session(original_path, providers, tf32)
     hardened = make_session(hardened_path, providers, tf32)
     output_names = [o.name for o in original.get_outputs()]
-    atol = budgets.atol if budgets.atol is not None else 0.0
-    rtol = budgets.rtol if budgets.rtol is not None else 0.0
     diffs = {name: DiffStats() for name in output_names}
-    image = {name: {"psnr_vs_original": [], "ssim_vs_original": [], "psnr_original_vs_truth": [],
-                    "psnr_hardened_vs_truth": [], "ssim_original_vs_truth": [], "ssim_hardened_vs_truth": []}
-             for name in output_names}
+    image: dict[str, ImageStats] = {}
     feeds, count = [], 0
+    broken: dict[str, int] = {}  # output -> inputs on which the ORIGINAL model gives NaN/Inf
     while (feed := reader.get_next()) is not None:
         count += 1
-        truth = {k[len(TRUTH_PREFIX):]: v for k, v in feed.items() if k.startswith(TRUTH_PREFIX)}
-        feed = {k: v for k, v in feed.items() if not k.startswith(TRUTH_PREFIX)}
+        feed, truth = split_truth(feed)
+        unknown = sorted(set(truth) - set(output_names))
+        if unknown:
+            raise UsageError(f"ground truth names no model output: {', '.join(unknown)} "
+                             f"(outputs: {', '.join(output_names)})")
         if len(feeds) < probe_samples:
             feeds.append(feed)
-        o_outs = original.run(output_names, feed)
-        h_outs = hardened.run(output_names, feed)
-        for name, o, h in zip(output_names, o_outs, h_outs):
-            diffs[name].add(h, o, atol, rtol)
-            if not is_image_batch(o):
-                continue
-            if 2 * budgets.crop_border >= min(o.shape[-2:]):
-                raise UsageError(f"crop border {budgets.crop_border} leaves no pixels of output '{name}' "
-                                 f"({o.shape[-2]}x{o.shape[-1]})")
-            kw = {"data_range": budgets.data_range, "crop_border": budgets.crop_border}
-            rows = image[name]
-            for i in range(len(o)):
-                rows["psnr_vs_original"].append(psnr(h[i], o[i], **kw))
-                rows["ssim_vs_original"].append(ssim(h[i], o[i], **kw))
-                if name in truth:
-                    t = truth[name][i]
-                    if t.shape != o[i].shape:
-                        raise UsageError(f"ground truth for '{name}' has shape {t.shape}, output has {o[i].shape}")
-                    rows["psnr_original_vs_truth"].append(psnr(o[i], t, **kw))
-                    rows["psnr_hardened_vs_truth"].append(psnr(h[i], t, **kw))
-                    rows["ssim_original_vs_truth"].append(ssim(o[i], t, **kw))
-                    rows["ssim_hardened_vs_truth"].append(ssim(h[i], t, **kw))
+        o_outs = run_session(original, output_names, feed, "original model")
+        h_outs = run_session(hardened, output_names, feed, "hardened model")
+        for name, o in zip(output_names, o_outs):
+            if not np.all(np.isfinite(o)):
+                broken[name] = broken.get(name, 0) + 1
+        compare_outputs(output_names, o_outs, h_outs, truth, budgets, diffs, image)
         if progress is not None:
             progress.update(1)
     if not feeds:
@@ -185,25 +205,36 @@ def validate(
                               else None, samples=count)
     for name in output_names:
         entry = {"difference": diffs[name].summary()}
-        entry.update({k: _mean(v) for k, v in image[name].items() if v})
-        if "psnr_original_vs_truth" in entry:
-            entry["psnr_drop_vs_truth"] = entry["psnr_original_vs_truth"] - entry["psnr_hardened_vs_truth"]
+        if name in image:
+            entry.update(image[name].summary(budgets.data_range))
         result.outputs[name] = entry
+        if name in broken:
+            entry["original_non_finite_inputs"] = broken[name]
+            result.failures.append(f"{name}: the original model's output is NaN/Inf on {broken[name]} of {count} "
+                                   "validation input(s): there is nothing to compare against")
+            continue
         _check_budgets(name, entry, budgets, result.failures)
-    result.layers = _layer_stats(hardened_path, hardened_model, insertions, params, feeds, providers, tf32)
-    for layer in result.layers:  # an insertion that changes nothing protects nothing: never a pass
-        if params.gain != 1.0 and layer.get("unperturbed"):
-            result.failures.append(
-                f"layer {layer['layer']}: the subgraph left every probe input unchanged (max|X| = "
-                f"{layer['max_abs']:.3g}: outside the float32 Gram matrix's range of about 1e-17..1e17)")
+    if placement == "inline" and params.gain != 1.0 and all(_unchanged(result.outputs[n]) for n in output_names):
+        result.failures.append(f"the hardened model's outputs equal the original's on all {count} input(s) (to "
+                               f"float32 round-off, PSNR >= {UNCHANGED_PSNR:g} dB): the inserted subgraphs change "
+                               "nothing the model serves")
+    if placement == "tap":
+        moved = max(result.outputs[n]["difference"]["max_abs"] for n in output_names)
+        if not moved <= TAP_BOUND:
+            result.failures.append(f"tap placement moved the served output by {moved:.3g} (bound {TAP_BOUND:g}): the "
+                                   "forward path was meant to stay intact")
+    result.layers = layer_checks(hardened_path, hardened_model, insertions, params, feeds, providers, tf32,
+                                 budgets.layer_rtol)
+    for layer in result.layers:  # an insertion that changes nothing (or the wrong thing) protects nothing
+        if layer.get("check", "ok").startswith("failed"):
+            result.failures.append(f"layer {layer['layer']}: {layer['check'][len('failed: '):]}")
     return result
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if np.isfinite(v)]
-    if len(finite) < len(values):
-        return float("inf") if all(v == float("inf") for v in values) else float(np.mean(values))
-    return float(np.mean(finite))
+def _unchanged(entry: dict) -> bool:
+    if "psnr_vs_original" in entry:
+        return entry["psnr_vs_original"] >= UNCHANGED_PSNR
+    return entry["difference"]["max_abs"] == 0
 
 
 def _check_budgets(name: str, entry: dict, b: Budgets, failures: list[str]) -> None:
@@ -215,38 +246,66 @@ def _check_budgets(name: str, entry: dict, b: Budgets, failures: list[str]) -> N
                         f"rtol={b.rtol or 0} (max abs {d['max_abs']:.3g})")
     if b.min_psnr is not None and "psnr_vs_original" in entry and not entry["psnr_vs_original"] >= b.min_psnr:
         failures.append(f"{name}: PSNR hardened vs original {entry['psnr_vs_original']:.2f} dB "
-                        f"< min {b.min_psnr} dB")
+                        f"(of the mean squared error over all images) < min {b.min_psnr} dB")
     if b.max_psnr_drop is not None and "psnr_drop_vs_truth" in entry \
             and not entry["psnr_drop_vs_truth"] <= b.max_psnr_drop:
         failures.append(f"{name}: PSNR vs ground truth dropped {entry['psnr_drop_vs_truth']:.3f} dB "
                         f"> max {b.max_psnr_drop} dB")
 
 
-def _layer_stats(hardened_path: Path, model: onnx.ModelProto, insertions: list, params, feeds: list,
-                 providers: list[str], tf32: bool) -> list[dict]:
-    """Per inserted layer: spectral gap, perturbation energy and agreement with the float64 reference."""
+def _float32_probe(model: onnx.ModelProto, insertions: list) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of ``model`` that outputs each insertion's input and output as float32.
+
+    fp16/bf16 maps are cast in the graph: ONNX Runtime's Python API cannot hand bfloat16 to NumPy.
+    """
+    wanted, names, casts = [], {}, []
+    for ins in insertions:
+        for tensor in (ins.source, ins.output):
+            if tensor in names:
+                continue
+            if ins.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE):
+                names[tensor] = tensor
+                wanted.append((tensor, ins.elem_type))
+            else:
+                cast = f"hardener/probe/{len(casts)}"
+                casts.append(helper.make_node("Cast", [tensor], [cast], name=cast + "/Cast", to=TensorProto.FLOAT))
+                names[tensor] = cast
+                wanted.append((cast, TensorProto.FLOAT))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.node.extend(casts)  # appended last: every tensor they read is produced before them
+    return probe_model(probe, wanted), names
+
+
+def layer_checks(hardened_path: Path, model: onnx.ModelProto, insertions: list, params, feeds: list,
+                 providers: list[str], tf32: bool, rtol: float = LAYER_RTOL) -> list[dict]:
+    """Per inserted layer: spectral gap, perturbation energy against the float64 reference, and a verdict."""
     try:
         from .reference import asvp_reference, relative_error, spectral_gap
     except ImportError:
-        return [{"layer": ins.label, "reference": "unavailable: torch is not installed"} for ins in insertions]
-    wanted = [(name, ins.elem_type) for ins in insertions for name in (ins.source, ins.output)]
+        return [{"layer": ins.label, "reference": "unavailable: torch is not installed",
+                 "check": "skipped: torch is not installed"} for ins in insertions]
+    probe, names = _float32_probe(model, insertions)
     fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".onnx", dir=hardened_path.parent)
     os.close(fd)
     try:  # beside the hardened model, so relative external-data locations still resolve
-        onnx.save(probe_model(model, wanted), tmp)
+        onnx.save(probe, tmp)
         session = make_session(Path(tmp), providers, tf32)
-        names = [name for name, _ in wanted]
-        runs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
+        fetch = list(dict.fromkeys(names.values()))
+        runs = [dict(zip(fetch, run_session(session, fetch, feed, "probe model"))) for feed in feeds]
     finally:
         os.unlink(tmp)
     stats = []
     for ins in insertions:
-        errs, errs_gapped, gaps, energy, ranks = [], [], [], [], []
-        unchanged, max_abs = True, 0.0
+        errs, errs_gapped, gaps, ranks = [], [], [], []
+        measured = reference = base = 0.0
+        max_abs, finite = 0.0, True
         for run in runs:
-            x = run[ins.source].astype(np.float64)
-            y = run[ins.output].astype(np.float64)
-            unchanged &= bool(np.array_equal(x, y)) and bool(np.any(x))
+            x = run[names[ins.source]].astype(np.float64)
+            y = run[names[ins.output]].astype(np.float64)
+            if not np.all(np.isfinite(x)):
+                finite = False
+                continue
             max_abs = max(max_abs, float(np.max(np.abs(x))) if x.size else 0.0)
             ref = asvp_reference(x, params)
             gap = spectral_gap(ref.singular_values, params.rank)
@@ -256,23 +315,56 @@ def _layer_stats(hardened_path: Path, model: onnx.ModelProto, insertions: list, 
             ok = gap <= GAP_LIMIT  # per matrix: (N,) in channel mode, (N, C) in spatial mode
             if ok.any():
                 errs_gapped.append(relative_error(y[ok], ref.output[ok], x[ok]))
-            energy.append(float(np.linalg.norm(y - x) / max(np.linalg.norm(x), 1e-300)))
+            measured += float(np.sum((y - x) ** 2))
+            reference += float(np.sum((ref.output - x) ** 2))
+            base += float(np.sum(x ** 2))
+        entry = {"layer": ins.label, "tensor": ins.tensor, "rank": params.rank, "gain": params.gain,
+                 "iterations": params.iterations, "squarings": params.squarings, "probe_samples": len(runs),
+                 "max_abs": max_abs}
+        if not gaps:
+            entry["check"] = "skipped: the feature map is not finite (NaN/Inf) in the model on every probe" \
+                if not finite else "skipped: no probe inputs"
+            stats.append(entry)
+            continue
         gaps_all = np.concatenate(gaps)
-        stats.append({
-            "layer": ins.label,
-            "tensor": ins.tensor,
-            "rank": params.rank,
+        energy = float(np.sqrt(measured / base)) if base > 0 else 0.0
+        energy_ref = float(np.sqrt(reference / base)) if base > 0 else 0.0
+        gapped = float(np.max(errs_gapped)) if errs_gapped else None
+        entry.update({
             "effective_rank_mean": float(np.mean(np.concatenate(ranks))),
-            "gain": params.gain,
-            "iterations": params.iterations,
-            "squarings": params.squarings,
             "spectral_gap": {"min": float(gaps_all.min()), "median": float(np.median(gaps_all)),
                              "max": float(gaps_all.max())},
-            "perturbation_energy": float(np.mean(energy)),
+            "perturbation_energy": energy,  # ||X' - X|| / ||X|| over the probes
+            "reference_perturbation_energy": energy_ref,
+            "energy_ratio": energy / energy_ref if energy_ref > 0 else None,
             "reference_rel_error": float(np.max(errs)),
-            f"reference_rel_error_gap_le_{GAP_LIMIT}": float(np.max(errs_gapped)) if errs_gapped else None,
-            "probe_samples": len(runs),
-            "max_abs": max_abs,
-            "unperturbed": unchanged,
+            f"reference_rel_error_gap_le_{GAP_LIMIT}": gapped,
+            "unperturbed": measured == 0.0,
+            "tolerance": rtol,
         })
+        entry["check"] = _layer_verdict(entry, params, rtol, finite)
+        stats.append(entry)
     return stats
+
+
+def _layer_verdict(e: dict, params, rtol: float, finite: bool) -> str:
+    if e["reference_perturbation_energy"] < NOTHING_TO_AMPLIFY:  # h = 1, or an all-zero map
+        if e["perturbation_energy"] > ROUNDOFF_ENERGY:
+            return (f"failed: the subgraph moved the map by {e['perturbation_energy']:.3g} of ||X|| where the "
+                    "reference moves it by 0")
+        return "ok (nothing to amplify: h = 1 or an all-zero map)"
+    if e["unperturbed"]:
+        why = f" (max|X| = {e['max_abs']:.3g}: outside the float32 Gram matrix's range of about 1e-17..1e17)" \
+            if not 1e-17 < e["max_abs"] < 1e17 else ""
+        return f"failed: the subgraph left every probe map unchanged{why}; the float64 SVD reference moves it " \
+               f"by {e['reference_perturbation_energy']:.3g} of ||X||"
+    ratio = e["energy_ratio"]
+    if abs(ratio - 1) > rtol:
+        return (f"failed: perturbation energy {e['perturbation_energy']:.3g} of ||X|| is {ratio:.3f}x the "
+                f"float64 SVD reference's {e['reference_perturbation_energy']:.3g} (tolerance {rtol:g})")
+    gapped = e[f"reference_rel_error_gap_le_{GAP_LIMIT}"]
+    if gapped is not None and gapped > rtol:
+        return (f"failed: where the spectrum is gapped (s(k+1)/s(k) <= {GAP_LIMIT}) the map differs from the "
+                f"float64 SVD reference by {gapped:.3g} of the perturbation (tolerance {rtol:g}); "
+                "more --iterations may help")
+    return "ok" if finite else "ok on the finite probes (others had NaN/Inf features)"

@@ -3,14 +3,25 @@
 
 For each configuration (input size x insertion points x mode x k) the original and the hardened sessions run
 in interleaved pairs after a warm-up; the reported ratio is the median of per-pair ratios (and its 90th
-percentile), so drift in machine load cancels.  On CUDA, input and outputs stay on the GPU (IOBinding with
+percentile), so drift in machine load cancels.  On CPU the column ``cpu`` is the median ratio of process CPU
+time (all intra-op threads), which does not count time other processes hold the cores: on a shared machine it
+is the steadier of the two.  On CUDA, input and outputs stay on the GPU (IOBinding with
 pre-allocated outputs), TF32 is off, and ``--cuda-graph`` replays a captured CUDA graph (static shapes).
 
 A second table times, on the same feature map (the teacher's ``body.1.conv2`` output at that input size)
 and device, the ASVP subgraph alone (ONNX Runtime) against the exact alternative it replaces:
 ``torch.linalg.svd`` in float32 plus the rank-k reconstruction.
 
-Prints both tables and writes JSON (schema ``hardener.bench/1``)::
+Beside each ratio it prints the configuration's FLOP floor, ``1 + insertion MACs / model MACs``: the model's
+multiply-adds (Conv, ConvTranspose, MatMul, Gemm) and the inserted ones, both counted from the tensor shapes at
+that input size (one probe run of the original model).  An insertion's MACs are what any exact method must
+do: the Gram matrix (rows^2 x cols per matrix: C^2 HW in channel mode, H^2 W per channel in spatial mode) and
+the rank-k update Q (Q^T M) (2 k rows x cols); the small spectral part (C^3-sized, or H^3 in spatial mode for
+squarings) is left out.  ``vs floor`` is (ratio - 1) / (floor - 1): 1 is the floor, 2 pays twice the
+floor's overhead.
+
+Prints both tables and writes JSON (schema ``hardener.bench/1``; rows gain ``cpu_ratio_median`` (null on
+CUDA), ``model_macs``, ``insertion_macs``, ``flop_floor`` and ``overhead_vs_floor``)::
 
     python scripts/bench_overhead.py                          # CPU, 256^2 and 512^2, 1 and 3 points, k=1,2,4
     python scripts/bench_overhead.py --quick                  # 64^2, few repeats: checks that it runs (CI)
@@ -40,7 +51,7 @@ import onnx
 
 from hardener.api import HardenConfig, harden
 from hardener.asvp import PRECISIONS, AsvpParams, standalone_model
-from hardener.validate import make_session, probe_model, resolve_providers
+from hardener.runtime import make_session, probe_model, resolve_providers
 
 TEACHER = Path(__file__).resolve().parents[1] / "hardener" / "assets" / "sr_x2.onnx"
 LAYER_SETS = {1: ["body.1.conv2"], 3: ["body.0.conv2", "body.1.conv2", "body.2.conv2"]}
@@ -81,18 +92,23 @@ def pair_ratios(a: Runner, b: Runner, repeats: int, warmup: int) -> dict:
     for _ in range(warmup):
         a()
         b()
-    ta, tb, ratios = [], [], []
+    ta, tb, ratios, cpu_ratios = [], [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         a()
-        t1 = time.perf_counter()
+        c1, t1 = time.process_time(), time.perf_counter()
         b()
-        t2 = time.perf_counter()
+        c2, t2 = time.process_time(), time.perf_counter()
         ta.append(t1 - t0)
         tb.append(t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
-    return {"original_ms": statistics.median(ta) * 1e3, "hardened_ms": statistics.median(tb) * 1e3,
-            "ratio_median": statistics.median(ratios), "ratio_p90": float(np.percentile(ratios, 90))}
+        cpu_ratios.append((c2 - c1) / max(c1 - c0, 1e-9))
+    stats = {"original_ms": statistics.median(ta) * 1e3, "hardened_ms": statistics.median(tb) * 1e3,
+             "ratio_median": statistics.median(ratios), "ratio_p90": float(np.percentile(ratios, 90))}
+    # CPU: the ratio of process CPU time (all intra-op threads) too; unlike wall time it does not count the time
+    # other processes hold the cores, so it stays meaningful on a loaded machine.  Not defined on CUDA.
+    stats["cpu_ratio_median"] = None if a.cuda else statistics.median(cpu_ratios)
+    return stats
 
 
 def median_ms(fn, repeats: int, warmup: int, sync=lambda: None) -> float:
@@ -106,6 +122,55 @@ def median_ms(fn, repeats: int, warmup: int, sync=lambda: None) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def tensor_shapes(model: Path, names: list[str], size: int, providers, threads) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of ``names`` (and of every initializer) when the model runs on a 1x3xSxS input."""
+    proto = onnx.load(str(model))
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    shapes.update({i.name: x.shape for i in proto.graph.input})
+    wanted = [n for n in dict.fromkeys(names) if n and n not in shapes]
+    elem = {o.name: o.type.tensor_type.elem_type for o in list(proto.graph.value_info) + list(proto.graph.output)}
+    probe = probe_model(proto, [(n, elem.get(n, onnx.TensorProto.FLOAT)) for n in wanted])
+    session = make_session(probe.SerializeToString(), providers, tf32=False, threads=threads)
+    values = session.run(wanted, {session.get_inputs()[0].name: x})
+    shapes.update({n: tuple(v.shape) for n, v in zip(wanted, values)})
+    return shapes
+
+
+def model_macs(model: Path, size: int, providers, threads) -> int:
+    """Multiply-adds of the model's Conv, ConvTranspose, MatMul and Gemm nodes at a 1x3xSxS input."""
+    proto = onnx.load(str(model))
+    nodes = [n for n in proto.graph.node if n.op_type in MAC_OPS]
+    shapes = tensor_shapes(model, [t for n in nodes for t in (n.input[0], n.input[1], n.output[0])],
+                           size, providers, threads)
+    total = 0
+    for n in nodes:
+        x, w, y = shapes[n.input[0]], shapes[n.input[1]], shapes[n.output[0]]
+        if n.op_type == "Conv":  # each output element: (Cin / group) x kernel multiply-adds, W = (Cout, Cin/g, k..)
+            total += int(np.prod(y)) * int(np.prod(w[1:]))
+        elif n.op_type == "ConvTranspose":  # each input element: (Cout / group) x kernel, W = (Cin, Cout/g, k..)
+            total += int(np.prod(x)) * int(np.prod(w[1:]))
+        elif n.op_type == "MatMul":
+            total += int(np.prod(y)) * x[-1]
+        else:  # Gemm
+            trans_a = next((a.i for a in n.attribute if a.name == "transA"), 0)
+            total += int(np.prod(y)) * x[0 if trans_a else 1]
+    return total
+
+
+def insertion_macs(shape: tuple[int, ...], mode: str, rank: int) -> int:
+    """An insertion's floor: its Gram matrix and the rank-k update Q (Q^T M), on one (N, C, H, W) map."""
+    n, c, h, w = shape
+    if mode == "channel":  # per sample, M is C x HW
+        rows, cols, matrices = c, h * w, n
+    else:  # per sample and channel, M is H x W
+        rows, cols, matrices = h, w, n * c
+    return matrices * (rows * rows * cols + 2 * rank * rows * cols)
 
 
 def build_edsr20(directory: Path) -> Path:
@@ -208,8 +273,18 @@ def main(argv=None) -> int:
     args.model = Path(args.model)
     if not args.model.is_file():
         ap.error(f"--model: no such file {args.model}")
+    # The FLOP floor's ingredients, from shapes at each benchmark size: the model's MACs, the layers' maps.
+    from hardener.layers import LayerIndex
+
+    layer_sets = {p: [layer.tensor for _, layer in LayerIndex(onnx.load(str(args.model))).select(LAYER_SETS[p])]
+                  for p in args.points}
+    macs, map_shapes = {}, {}
+    for size in args.sizes:
+        macs[size] = model_macs(args.model, size, providers, args.threads)
+        map_shapes[size] = tensor_shapes(args.model, [t for ts in layer_sets.values() for t in ts], size,
+                                         providers, args.threads)
     print(f"{'provider':>8} {'size':>5} {'pts':>3} {'mode':>7} {'k':>2} {'S':>1} {'it':>2} {'nodes':>6} "
-          f"{'original ms':>11} {'hardened ms':>11} {'ratio':>6} {'p90':>6}")
+          f"{'original ms':>11} {'hardened ms':>11} {'ratio':>6} {'p90':>6} {'cpu':>6} {'floor':>6} {'vs floor':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
             for k in args.ranks:
@@ -228,16 +303,21 @@ def main(argv=None) -> int:
                         feed = {original.get_inputs()[0].name: x}
                         stats = pair_ratios(Runner(original, feed), Runner(hardened, feed), args.repeats,
                                             args.warmup)
+                        added = sum(insertion_macs(map_shapes[size][t], mode, k) for t in layer_sets[points])
+                        floor = 1.0 + added / macs[size]
                         row = {"provider": providers[0], "cuda_graph": bool(cuda_options), "size": size,
                                "points": points, "mode": mode, "rank": k, "squarings": params.squarings,
                                "iterations": params.iterations, "precision": params.precision,
-                               "inserted_nodes": nodes, **stats}
+                               "inserted_nodes": nodes, **stats, "model_macs": macs[size],
+                               "insertion_macs": added, "flop_floor": floor,
+                               "overhead_vs_floor": (stats["ratio_median"] - 1.0) / (floor - 1.0)}
                         rows.append(row)
+                        cpu = "-" if stats["cpu_ratio_median"] is None else f"{stats['cpu_ratio_median']:6.3f}"
                         print(f"{providers[0][:-17]:>8} {size:>4}² {points:>3} {mode:>7} {k:>2} "
                               f"{params.squarings:>1} {params.iterations:>2} {nodes:>6} "
                               f"{stats['original_ms']:11.2f} {stats['hardened_ms']:11.2f} "
-                              f"{stats['ratio_median']:6.3f} {stats['ratio_p90']:6.3f}  hardened/original",
-                              flush=True)
+                              f"{stats['ratio_median']:6.3f} {stats['ratio_p90']:6.3f} {cpu:>6} {floor:6.3f} "
+                              f"{row['overhead_vs_floor']:8.2f}  hardened/original", flush=True)
         if not args.no_reference:
             print(f"\nASVP subgraph alone vs torch.linalg.svd (float32) + reconstruction, on the "
                   f"{PROBE_LAYER} map:")

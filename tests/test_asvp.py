@@ -194,3 +194,138 @@ def test_both_channel_reconstructions_match_reference(teacher_features, rank):
         ok = gap <= GAP
         assert np.all(errors[ok] <= TOL)
     assert relative_error(y_dense, y_low.astype(np.float64), x) < 1e-5
+
+
+def _last_compute_node(model: onnx.ModelProto) -> onnx.NodeProto:
+    return [n for n in model.graph.node if n.op_type not in ("Identity", "Cast")][-1]
+
+
+@pytest.mark.parametrize("channels,expected", [(64, True), (16, True), (12, False), (None, False)])
+def test_static_channels_end_with_an_identity_depthwise_conv(channels, expected):
+    """For static C divisible by LAYOUT_CHANNEL_MULTIPLE the subgraph's last node is a depthwise 1x1 Conv with
+    weights 1 and no bias (exact), which keeps ONNX Runtime's CPU NCHWc chain intact; otherwise no Conv."""
+    from onnx import numpy_helper
+
+    from hardener.asvp import LAYOUT_CHANNEL_MULTIPLE
+
+    for mode in ("channel", "spatial"):
+        model = standalone_model(AsvpParams(rank=2, mode=mode), shape=["N", channels or "C", "H", "W"])
+        last = _last_compute_node(model)
+        assert (last.op_type == "Conv") == expected, (channels, mode, last.op_type)
+        assert sum(n.op_type == "Conv" for n in model.graph.node) == int(expected)
+        if expected:
+            assert channels % LAYOUT_CHANNEL_MULTIPLE == 0 and len(last.input) == 2  # no bias
+            weight = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == last.input[1]))
+            assert weight.shape == (channels, 1, 1, 1) and np.all(weight == 1.0)
+            assert onnx.helper.get_attribute_value(next(a for a in last.attribute if a.name == "group")) == channels
+
+
+@pytest.mark.parametrize("mode,rank", [("channel", 1), ("channel", 4), ("spatial", 2)])
+def test_sixty_four_static_channels_match_reference(teacher_features, mode, rank):
+    """C = 64 static (the low-rank update, then the identity conv) on real maps: two layers' features side by
+    side, against the SVD reference, and equal to the dynamic-C subgraph (no identity conv) to round-off."""
+    params = AsvpParams(rank=rank, gain=2.0, mode=mode)
+    static = standalone_model(params, shape=["N", 64, "H", "W"])
+    onnx.checker.check_model(static, full_check=True)
+    checked = 0
+    for a, b in [(0, 2), (1, 2), (2, 3)]:  # pairs that give k = 4 matrices with a usable gap
+        x = np.concatenate([teacher_features[f"body.{a}.conv2"], teacher_features[f"body.{b}.conv2"]], axis=1)
+        assert x.shape[1] == 64
+        y = run_model(static, {"x": x})[0]
+        errors, gap = per_matrix_errors(y, x, params)
+        ok = gap <= GAP
+        checked += int(ok.sum())
+        assert np.all(errors[ok] <= TOL), (a, b, errors[ok].max(), gap[ok])
+        np.testing.assert_allclose(y, asvp_onnx(x, params), rtol=0, atol=1e-6 * np.abs(x).max())
+    assert checked > 0
+
+
+def _residual_net(channels: int, blocks: int) -> onnx.ModelProto:
+    """x -> head conv -> `blocks` residual blocks (conv, relu, conv, + skip) -> tail conv, dynamic H, W."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def conv(src, cin, cout, name):
+        w = numpy_helper.from_array((rng.normal(size=(cout, cin, 3, 3)) * 0.1).astype(np.float32), name + "_w")
+        inits.append(w)
+        nodes.append(helper.make_node("Conv", [src, w.name], [name], pads=[1, 1, 1, 1], name=name))
+        return name
+
+    f = conv("x", 3, channels, "head")
+    for i in range(blocks):
+        r = helper.make_node("Relu", [conv(f, channels, channels, f"b{i}_c1")], [f"b{i}_r"], name=f"b{i}_relu")
+        nodes.append(r)
+        c2 = conv(f"b{i}_r", channels, channels, f"b{i}_c2")
+        nodes.append(helper.make_node("Add", [f, c2], [f"b{i}_out"], name=f"b{i}_add"))
+        f = f"b{i}_out"
+    tail = conv(f, channels, 3, "tail")
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [helper.make_tensor_value_info(tail, TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def _hardened_at(model: onnx.ModelProto, tensor: str, params: AsvpParams, channels) -> onnx.ModelProto:
+    """``model`` with ASVP on ``tensor`` (its producer renamed, as rewrite.py does), built by build_asvp."""
+    from hardener.asvp import GraphBuilder, build_asvp
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    idx = next(i for i, n in enumerate(graph.node) if tensor in n.output)
+    graph.node[idx].output[0] = tensor + "/pre"
+    builder = GraphBuilder(opset=18, prefix="asvp", taken={n.name for n in graph.node} | {tensor, tensor + "/pre"})
+    build_asvp(builder, tensor + "/pre", tensor, params, TensorProto.FLOAT, channels=channels)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes[:idx + 1] + builder.nodes + nodes[idx + 1:])
+    graph.initializer.extend(builder.initializers)
+    return out
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path, name: str) -> list[str]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def test_onnxruntime_cpu_keeps_the_blocked_layout_after_an_insertion(tmp_path):
+    """Inserted early in a residual chain, the subgraph costs ONNX Runtime's CPU NCHWc layout one reorder out
+    (the Gram matrix reads plain NCHW) and one in (the identity conv), not a reorder pair per later block."""
+    net = _residual_net(16, 4)
+    ops = _optimized_ops(net, tmp_path, "original")
+    if "ReorderInput" not in ops and "ReorderOutput" not in ops:
+        pytest.skip("this onnxruntime build/CPU does not use the NCHWc layout")
+    params = AsvpParams(rank=2)
+    for mode in ("channel", "spatial"):
+        hardened = _hardened_at(net, "b0_c2", replace_mode(params, mode), channels=16)
+        hops = _optimized_ops(hardened, tmp_path, mode)
+        assert hops.count("ReorderOutput") <= ops.count("ReorderOutput") + 1, (mode, hops)
+        assert hops.count("ReorderInput") <= ops.count("ReorderInput") + 1, (mode, hops)
+        x = real_photos_like()
+        y, y_ref = run_model(hardened, {"x": x})[0], run_model(_hardened_at(net, "b0_c2", replace_mode(params, mode),
+                                                                              channels=None), {"x": x})[0]
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+    # without the identity conv (dynamic C) the chain breaks: every later block reorders out and back in
+    broken = _optimized_ops(_hardened_at(net, "b0_c2", params, channels=None), tmp_path, "dynamic")
+    assert broken.count("ReorderInput") >= ops.count("ReorderInput") + 3
+
+
+def replace_mode(params: AsvpParams, mode: str) -> AsvpParams:
+    from dataclasses import replace
+
+    return replace(params, mode=mode)
+
+
+def real_photos_like() -> np.ndarray:
+    from conftest import real_photos
+
+    return real_photos(size=32, count=1)

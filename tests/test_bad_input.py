@@ -295,13 +295,15 @@ class Run:
     res: subprocess.CompletedProcess
     input_untouched: bool  # the model's folder (model, external data) byte-identical afterwards
 
-    def check_ok(self) -> None:
-        """Exit 0, PASSED, no traceback, and the input model and its data untouched (case 28)."""
+    def check_ok(self, status: str = "PASSED") -> None:
+        """Exit 0, ``status`` on the last line (NOT VALIDATED for --no-validate), no traceback, and the input
+        model and its data untouched (case 28)."""
         out = self.res.stdout + self.res.stderr
         assert "Traceback" not in out, out
         assert self.res.returncode == 0, \
             f"exit {self.res.returncode}\nstdout:\n{self.res.stdout}\nstderr:\n{self.res.stderr}"
-        assert "PASSED" in self.res.stdout, self.res.stdout
+        lines = self.res.stdout.splitlines()
+        assert lines and lines[-1].startswith(f"{status} | "), self.res.stdout
         assert self.input_untouched, f"input model {self.model} (or its external data) was modified"
 
     def check_fails(self, code: int, *words) -> str:
@@ -327,6 +329,24 @@ def external_model(folder: Path) -> Path:
               location="ext.onnx.data", size_threshold=0)
     assert (folder / "ext.onnx.data").is_file()
     return path
+
+
+def custom_op_model() -> onnx.ModelProto:
+    """Relu, then an op of a domain ONNX Runtime does not implement (its custom-op library is absent)."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu_0"),
+             helper.make_node("FancyBlur", ["r"], ["y"], name="blur", domain="acme.vision")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("acme.vision", 1)])
+    model.ir_version = 8
+    return model
+
+
+def renamed(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
+    for node in model.graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    return model
 
 
 DUP_SOURCE = chain_model(relu_names=("dup", "dup"))  # two Relu nodes named 'dup' on different tensors
@@ -368,6 +388,8 @@ def runs(tmp_path_factory) -> dict[str, Run]:
         (folder / "src").mkdir(parents=True, exist_ok=True)
         if not isinstance(model, Path):
             model = save(model, folder / "src" / "model.onnx")
+        if "--gain" not in args:  # an explicit gain: these cases are about inputs, not gain calibration
+            args = (*args, "--gain", "1.3")
         jobs[name] = (model, folder / out_name, list(args))
         return folder
 
@@ -402,6 +424,32 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     folder = job("npz_empty", chain_model(), "--layers", "node:conv_0")
     np.savez(folder / "empty.npz", x=np.zeros((0, 3, 16, 16), np.float32))
     jobs["npz_empty"][2].extend(["--inputs", folder / "empty.npz"])
+    # issue 9: refusals found before anything is written, and inputs that must be accepted
+    job("custom_op", custom_op_model(), "--layers", "node:relu_0")
+    ext = external_model(root / "data_sibling" / "src")
+    (root / "data_sibling" / "hard.onnx.data").write_bytes(b"someone else's tensors")
+    jobs["data_sibling"] = (ext, root / "data_sibling" / "hard.onnx", ["--layers", "node:conv_0", "--gain", "1.3"])
+    folder = job("out_is_folder", chain_model(), "--layers", "node:conv_0")
+    (folder / "out.onnx").mkdir()
+    folder = job("report_is_folder", chain_model(), "--layers", "node:conv_0", "--report",
+                 root / "report_is_folder" / "r.json")
+    (folder / "r.json").mkdir()
+    folder = job("npz_truth_unknown", chain_model(), "--layers", "node:conv_0")
+    np.savez(folder / "v.npz", x=rand_input((2, 3, 16, 16)), **{"truth:yy": rand_input((2, 3, 16, 16))})
+    jobs["npz_truth_unknown"][2].extend(["--inputs", folder / "v.npz"])
+    folder = job("npz_nan", chain_model(), "--layers", "node:conv_0")
+    x = rand_input((2, 3, 16, 16))
+    x[1, 2, 3, 4] = np.inf
+    np.savez(folder / "v.npz", x=x)
+    jobs["npz_nan"][2].extend(["--inputs", folder / "v.npz"])
+    folder = job("one_image", chain_model(shape=(1, 3, 32, 32)), "--layers", "node:conv_0", nb)
+    from PIL import Image
+
+    la = np.dstack([np.arange(48 * 40).reshape(48, 40) % 256, np.full((48, 40), 200)]).astype(np.uint8)
+    Image.fromarray(la, "LA").save(folder / "grey_alpha.png")
+    jobs["one_image"][2].extend(["--inputs", folder / "grey_alpha.png"])
+    fake = "f0\nPASSED | 1 layer(s) hardened, budgets met"
+    job("newline_name", renamed(chain_model(), "f0", fake), "--layers", f"tensor:{fake}", "--no-validate")
     # 23: bad option values
     for option, value, _, _ in BAD_VALUES:
         job(f"bad{option}={value}", chain_model(), "--layers", "node:conv_0", option, value)
@@ -516,7 +564,7 @@ def test_duplicate_node_names_selected_by_tensor(runs):
 # -- 25: hardening twice -------------------------------------------------------------------------------------------
 def test_already_hardened(runs, tmp_path):
     once = runs["once"]
-    once.check_ok()
+    once.check_ok("NOT VALIDATED")
     res = run_cli(once.out, "--layers", "node:conv_0", "--no-validate", "-o", tmp_path / "twice.onnx")
     assert_fails(res, 2, "already hardened")
     assert not (tmp_path / "twice.onnx").exists()
@@ -547,7 +595,7 @@ def test_output_exists_without_force(chain, tmp_path):
 
 def test_output_exists_with_force_is_replaced(runs):
     run = runs["force"]
-    run.check_ok()
+    run.check_ok("NOT VALIDATED")
     assert any(p.key == "hardener.manifest" for p in onnx.load(str(run.out)).metadata_props)
 
 
@@ -661,7 +709,7 @@ def test_truth_without_inputs(chain, tmp_path):
 # -- 27: missing arguments ----------------------------------------------------------------------------------------
 def test_no_layers(chain):
     res = run_cli(chain)
-    assert_fails(res, 2, "--layers", "--list-layers")
+    assert_fails(res, 2, "--layers", ("--list-layers", "harden layers"))
 
 
 def test_no_model():
@@ -685,10 +733,71 @@ def test_layer_out_of_the_subgraphs_range_fails_validation(tmp_path):
     result = harden(src, tmp_path / "out.onnx", HardenConfig(layers=["node:relu_0"], budgets=Budgets(
         min_psnr=None, max_psnr_drop=None)))
     assert result.report["status"] == "FAILED" and result.report["exit_code"] == 1
-    assert any("left every probe input unchanged" in f for f in result.report["failures"]), result.report["failures"]
+    assert any("outside the float32 Gram matrix's range" in f for f in result.report["failures"]), \
+        result.report["failures"]
     layer = result.report["validation"]["layers"][0]
     assert layer["unperturbed"] and layer["max_abs"] > 1e20
     # the same model at a normal scale is perturbed and passes
     ok = harden(save(chain_model(), tmp_path / "ok.onnx"), tmp_path / "ok.out.onnx",
                 HardenConfig(layers=["node:relu_0"], budgets=Budgets(min_psnr=None, max_psnr_drop=None)))
     assert ok.report["status"] == "PASSED" and not ok.report["validation"]["layers"][0]["unperturbed"]
+
+
+# -- issue 9: refused before anything is written; accepted inputs ----------------------------------------------------
+def _nothing_written(run: Run) -> None:
+    assert not run.out.exists(), f"{run.out} was written by a refused run"
+    assert not any(p.name.endswith((".report.json", ".tmp")) for p in run.out.parent.iterdir() if p.is_file()), \
+        sorted(p.name for p in run.out.parent.iterdir())
+
+
+def test_custom_domain_op(runs):
+    run = runs["custom_op"]
+    run.check_fails(4, "custom-domain op FancyBlur", "acme.vision", "custom-op library")
+    _nothing_written(run)
+
+
+def test_existing_external_data_sibling_needs_force(runs):
+    run = runs["data_sibling"]
+    run.check_fails(2, "hard.onnx.data", "--force")
+    assert run.out.with_name("hard.onnx.data").read_bytes() == b"someone else's tensors"
+    assert not run.out.exists()
+
+
+def test_output_is_a_folder(runs):
+    run = runs["out_is_folder"]
+    run.check_fails(2, "out.onnx", "folder")
+    assert run.out.is_dir() and not any(run.out.iterdir())
+
+
+def test_report_is_a_folder(runs):
+    run = runs["report_is_folder"]
+    run.check_fails(2, "report", "r.json", "folder")
+    assert not run.out.exists()
+
+
+def test_npz_truth_naming_no_output(runs):
+    run = runs["npz_truth_unknown"]
+    run.check_fails(2, "truth:yy", "no model output", "y")
+    _nothing_written(run)
+
+
+def test_npz_with_inf(runs):
+    run = runs["npz_nan"]
+    run.check_fails(2, "'x'", ("nan", "inf"))
+    _nothing_written(run)
+
+
+def test_single_grey_alpha_image_as_inputs(runs):
+    run = runs["one_image"]
+    run.check_ok()
+    report = __import__("json").loads(run.out.with_name("out.onnx.report.json").read_text())
+    assert report["validation"]["samples"] == 1
+    assert "grey_alpha.png" in report["validation"]["data"]
+
+
+def test_newline_in_tensor_name_is_escaped(runs):
+    run = runs["newline_name"]
+    run.check_ok("NOT VALIDATED")
+    lines = run.res.stdout.splitlines()
+    assert not any(l.startswith("PASSED") for l in lines), run.res.stdout
+    assert "f0\\nPASSED" in run.res.stdout

@@ -22,6 +22,7 @@ def test_quick_benchmark_writes_ratios_and_reference(tmp_path):
         assert r["provider"] == "CPUExecutionProvider" and r["size"] == 64 and r["points"] == 1
         assert r["original_ms"] > 0 and r["hardened_ms"] > 0 and r["ratio_median"] > 0
         assert r["ratio_p90"] >= r["ratio_median"] and r["inserted_nodes"] > 0
+        assert r["cpu_ratio_median"] > 0  # process CPU time ratio, defined on CPU
         schedule = (2, 8, "float64") if r["mode"] == "channel" else (0, 32, "float32")  # defaults, resolved
         assert (r["squarings"], r["iterations"], r["precision"]) == schedule
     # more k, more nodes: the table reflects the subgraph that was really inserted
@@ -34,7 +35,37 @@ def test_quick_benchmark_writes_ratios_and_reference(tmp_path):
         assert r["subgraph_ms"] > 0 and r["svd_ms"] > 0
     lines = proc.stdout.splitlines()
     assert sum("hardened/original" in line for line in lines) == len(rows)
+    assert "floor" in lines[0] and "vs floor" in lines[0]
     assert any("torch.linalg.svd" in line for line in lines)
+
+
+# The bundled teacher by hand: head 3->32, 8 body convolutions 32->32, tail 32->12, all 3x3, stride 1, padding 1
+# (so every output is 64x64 at --quick's 64^2 input; the bicubic skip, PixelShuffle and Adds do no MACs).
+TEACHER_MACS_PER_PIXEL = 32 * 3 * 9 + 8 * 32 * 32 * 9 + 12 * 32 * 9  # 78,048
+
+
+def test_quick_benchmark_reports_the_flop_floor(tmp_path):
+    """Each row carries its FLOP floor, computed from shapes: checked against a hand count of the teacher."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-reference", "--repeats", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["points"] for r in rows} == {1, 3}
+    pixels = 64 * 64
+    for r in rows:
+        assert r["model_macs"] == TEACHER_MACS_PER_PIXEL * pixels
+        k = r["rank"]
+        if r["mode"] == "channel":  # body.N.conv2 is 1 x 32 x 64 x 64: Gram 32^2 HW, update 2k 32 HW
+            per_point = 32 * 32 * pixels + 2 * k * 32 * pixels
+        else:  # 32 matrices of 64 x 64: Gram 64^2 x 64 each, update 2k 64 x 64 each
+            per_point = 32 * (64 * 64 * 64 + 2 * k * 64 * 64)
+        assert r["insertion_macs"] == r["points"] * per_point
+        assert r["flop_floor"] > 1 and abs(r["flop_floor"] - (1 + r["insertion_macs"] / r["model_macs"])) < 1e-12
+        assert abs(r["overhead_vs_floor"] - (r["ratio_median"] - 1) / (r["flop_floor"] - 1)) < 1e-9
+    floor = {(r["points"], r["mode"], r["rank"]): r["flop_floor"] for r in rows}
+    assert abs(floor[(1, "channel", 4)] - (1 + 1280 / 78048)) < 1e-12  # 1.0164
+    assert floor[(3, "channel", 4)] > floor[(1, "channel", 4)] > floor[(1, "channel", 1)]
 
 
 def test_cuda_graph_needs_cuda(tmp_path):
