@@ -26,8 +26,18 @@ class Attacker:
     steps_factor: float = 1.0
     student: str | None = None  # overrides the suite's student (e.g. a larger one)
     strip: bool = False  # remove the inserted subgraphs from the file before querying
+    # how the stripper finds them: "manifest" (or node names), or "structure" on a copy with no manifest and
+    # opaque names (what `harden --no-manifest` ships), i.e. without any help from the file's labels
+    strip_by: str = "manifest"
     feature_weight: float = 0.0  # > 0: also match tap features through a 1x1 adapter
     ground_truth: bool = False  # control: train on ground truth, no teacher at all
+    # self-ensemble queries: each input under the 8 flips/rotations, answers mapped back and averaged (8x the
+    # queries): averaging cancels whatever of a perturbation is not equivariant
+    ensemble: bool = False
+    # the one-image thief (arXiv 2406.00828): all query patches cut from a single training photo
+    one_image: bool = False
+    # after distilling, fine-tune on the thief's own ground-truth pairs for this fraction of the steps (lr/10)
+    finetune_factor: float = 0.0
 
 
 ATTACKERS = {
@@ -39,8 +49,12 @@ ATTACKERS = {
     "long": Attacker("long", steps_factor=3.0),
     "large": Attacker("large", student="edsr_large"),
     "strip": Attacker("strip", strip=True),
+    "strip_blind": Attacker("strip_blind", strip=True, strip_by="structure"),
     "features": Attacker("features", feature_weight=0.1),
     "ground_truth": Attacker("ground_truth", ground_truth=True),
+    "ensemble": Attacker("ensemble", ensemble=True),
+    "one_image": Attacker("one_image", one_image=True),
+    "finetune": Attacker("finetune", finetune_factor=0.3),
 }
 
 

@@ -1,9 +1,12 @@
 """The attack grid: tasks x defences x attackers x students x seeds, resumable, with an honest report.
 
-Each run writes one JSON file under ``OUT/runs/`` as soon as it finishes; a rerun skips runs whose file
-exists, so a crash loses at most the run in flight. ``OUT/report.json`` and ``OUT/report.md`` aggregate
-whatever runs exist: teacher PSNR with and without each defence (the cost), and each student's PSNR next
-to the same student distilled from the undefended teacher (the protection).
+Each run writes one JSON file under ``OUT/runs/`` as soon as it finishes, named after a digest of everything
+that determines it (:mod:`attacks.identity`) and holding that configuration; a rerun reuses a run whose file
+exists *and* whose stored configuration is the one asked for, so a crash loses at most the run in flight and
+a changed parameter (a gain, the steps, the teacher file, the hardener's code) is rerun, never reprinted.
+Hardened teachers are cached under ``OUT/teachers/`` the same way.  ``OUT/report.json`` and ``OUT/report.md``
+aggregate this suite's runs only: teacher PSNR with and without each defence (the cost), and each student's
+PSNR next to the same student distilled from the undefended teacher (the protection).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import json
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +22,27 @@ import onnx
 
 from hardener.api import HardenConfig, harden
 from hardener.asvp import AsvpParams
-from hardener.validate import Budgets
 
 from .distill import ATTACKERS, evaluate, torch_predictor, train_student
+from .identity import (attacks_fingerprint, digest, environment, file_sha256, hardener_fingerprint,
+                       normalized, teacher_sha256)
 from .oracle import Oracle, strip_asvp
 from .plots import image_grid, save_png, tradeoff_curve
-from .students import build_student, parameter_count
+from .students import STUDENTS, build_student, parameter_count
 
-_ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = {  # teachers that ship with the repo (recipes beside each file)
-    "sr2": _ROOT / "hardener" / "assets" / "sr_x2.onnx",
-    **{task: _ROOT / "attacks" / "teachers" / f"{task}.onnx"
+RUN_SCHEMA = "attacks.run/3"
+ID_CHARS = 16  # hex digits of a run's or a teacher's digest in its file name (64 bits)
+BUNDLED = {  # teachers that ship with the packages (recipes beside each file)
+    "sr2": Path(str(resources.files("hardener") / "assets" / "sr_x2.onnx")),
+    **{task: Path(str(resources.files("attacks") / "teachers" / f"{task}.onnx"))
        for task in ("sr4", "denoise", "lowlight", "underwater", "dehaze", "derain")},
 }
+SUITES = Path(str(resources.files("attacks") / "suites"))  # the suites behind the published numbers
+
+
+def packaged_suites() -> list[str]:
+    """Names of the suite files shipped in the package (``attack run NAME``)."""
+    return sorted(p.stem for p in SUITES.glob("*.toml")) if SUITES.is_dir() else []
 
 
 @dataclass
@@ -65,54 +77,38 @@ class Suite:
     eval_size: int = 128
 
     @classmethod
-    def load(cls, path: Path) -> "Suite":
-        """A suite from TOML; unknown keys and names are refused with the list of valid ones."""
-        from dataclasses import fields
+    def load(cls, path: Path, resolve_layers: bool = True) -> "Suite":
+        """A suite from TOML, validated completely (see :mod:`attacks.schema`); relative teacher paths are
+        relative to the suite file.  Raises :class:`attacks.schema.SuiteError` (a ValueError), one line per
+        problem, each naming the key path, the value and what was expected."""
+        from .schema import SuiteError, parse
 
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(Path(path).read_text())
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML: {exc}") from None
-        known = {f.name for f in fields(cls)}
-        if set(data) - known:
-            raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(set(data) - known))}; "
-                             f"valid: {', '.join(sorted(known))}")
-        defence_keys = {f.name for f in fields(Defence)}
-        for d in data.get("defences", []):
-            if set(d) - defence_keys or "name" not in d:
-                raise ValueError(f"{path}: a [[defences]] entry needs 'name' and only "
-                                 f"{', '.join(sorted(defence_keys))}; got {', '.join(sorted(d))}")
-        data["defences"] = [Defence(**d) for d in data.get("defences", [])] or cls().defences
-        suite = cls(**data)
-        suite.check()
+            raise SuiteError(f"{path}: not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SuiteError(f"{path}: cannot read the suite file ({exc})") from None
+        model = parse(data, str(path))
+        given = model.model_dump(exclude_unset=True)
+        if "defences" in given:
+            given["defences"] = [Defence(**d) for d in given["defences"]]
+        if "teachers" in given:
+            given["teachers"] = {task: str((Path(path).parent / p) if not Path(p).is_absolute() else Path(p))
+                                 for task, p in given["teachers"].items()}
+        suite = cls(**given)
+        suite.check(source=str(path), resolve_layers=resolve_layers)
         return suite
 
-    def check(self) -> None:
-        from .degrade import TASKS
-        from .students import SPANDREL_STUDENTS, STUDENTS
+    def check(self, source: str = "suite", resolve_layers: bool = True) -> None:
+        """Types, ranges and names (the same schema as a suite file), cross references, teachers, and each
+        defence's layer selectors resolved against each task's teacher.  Raises SuiteError."""
+        from .schema import cross_check, parse
 
-        def unknown(kind, names, valid):
-            bad = [n for n in names if n not in valid]
-            if bad:
-                raise ValueError(f"unknown {kind} {', '.join(map(repr, bad))}; choose from {', '.join(valid)}")
-
-        unknown("task", self.tasks, list(TASKS))
-        unknown("attacker", self.attackers, list(ATTACKERS))
-        unknown("student", self.students, list(STUDENTS) + list(SPANDREL_STUDENTS))
-        if any(ATTACKERS[a].feature_weight > 0 for a in self.attackers) and \
-                any(s not in STUDENTS for s in self.students):
-            raise ValueError("the 'features' attacker needs a student with head/body modules "
-                             f"({', '.join(STUDENTS)}), not {', '.join(s for s in self.students if s not in STUDENTS)}")
-        for d in self.defences:
-            unknown(f"attacker (defence {d.name})", d.attackers or [], self.attackers)
-        names = [d.name for d in self.defences]
-        if len(set(names)) != len(names):
-            raise ValueError(f"defence names must be unique, got {names}")
-        if not any(not d.layers for d in self.defences):
-            raise ValueError("a suite needs the undefended teacher: add [[defences]] name = \"none\"")
-        for d in self.defences:
-            if d.baseline not in names:
-                raise ValueError(f"defence {d.name}: baseline {d.baseline!r} is not a defence of this suite")
+        data = asdict(self)
+        data["teachers"] = {k: str(v) for k, v in data["teachers"].items()}
+        parse(data, source)
+        cross_check(self, source, resolve_layers=resolve_layers)
 
     @classmethod
     def quick(cls) -> "Suite":
@@ -122,11 +118,20 @@ class Suite:
 
 
 def run_key(task, defence, attacker, student, seed) -> str:
+    """The readable part of a run's file name (the file adds ``__<digest>``: see :meth:`Runner.run_file`)."""
     return f"{task}__{defence}__{attacker}__{student.replace(':', '-')}__s{seed}"
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
 class Runner:
-    def __init__(self, suite: Suite, out: Path, progress: bool = True):
+    def __init__(self, suite: Suite, out: Path, progress: bool = True, check: bool = True):
+        if check:
+            suite.check()  # a programmatic suite meets the same schema as a file (SuiteError otherwise)
         self.suite, self.out, self.progress = suite, out, progress
         (out / "runs").mkdir(parents=True, exist_ok=True)
         (out / "teachers").mkdir(exist_ok=True)
@@ -134,6 +139,49 @@ class Runner:
         self._teacher_metrics: dict[str, dict] = {}
         self._eval: dict[str, list] = {}
         self._train_photos = None
+
+    # -- identity ---------------------------------------------------------------------------------------
+    def source_teacher(self, task: str) -> Path:
+        from .schema import teacher_file
+
+        source = teacher_file(self.suite, task)
+        if not source.is_file():
+            raise FileNotFoundError(f"no teacher for task '{task}': set teachers.{task} in the suite file")
+        return source
+
+    def teacher_config(self, task: str, defence: Defence) -> dict:
+        """What determines the served teacher: the source file's content and, if defended, the hardening."""
+        config = {"source_sha256": teacher_sha256(self.source_teacher(task))}
+        if defence.layers:
+            params = AsvpParams(rank=defence.rank, gain=defence.gain, mode=defence.mode,
+                                adaptive_energy=defence.adaptive_energy).resolved()  # automatic schedule
+            config["hardening"] = {"layers": list(defence.layers), "placement": defence.placement,
+                                   "params": asdict(params)}
+            config["hardener"] = hardener_fingerprint()
+        return config
+
+    def run_config(self, task: str, defence: Defence, attacker_name: str, student_name: str, seed: int) -> dict:
+        """Everything that determines a run's numbers; its digest names the run file, which stores it."""
+        attacker = ATTACKERS[attacker_name]
+        arch = attacker.student or student_name
+        s = self.suite
+        return normalized({
+            "schema": RUN_SCHEMA, "task": task, "teacher": self.teacher_config(task, defence),
+            "suite": {"queries": s.queries, "patch": s.patch, "steps": s.steps, "batch": s.batch,
+                      "eval_size": s.eval_size},
+            "attacker": asdict(attacker),
+            "student": {"name": student_name, "arch": arch, "config": STUDENTS.get(arch)},
+            "seed": seed, "hardener": hardener_fingerprint(), "attacks": attacks_fingerprint(),
+            "environment": environment(arch.startswith("spandrel:")),
+        })
+
+    def run_file(self, task, defence: Defence, attacker, student, seed, run_id: str | None = None) -> Path:
+        run_id = run_id or digest(self.run_config(task, defence, attacker, student, seed))
+        return self.out / "runs" / f"{run_key(task, defence.name, attacker, student, seed)}__{run_id[:ID_CHARS]}.json"
+
+    def _eval_id(self, task: str) -> str:
+        return digest({"task": task, "eval_size": self.suite.eval_size, "attacks": attacks_fingerprint(),
+                       "environment": environment()})[:12]
 
     def eval_set(self, task: str) -> list:
         """The held-out evaluation images of ``task``, built once per runner."""
@@ -143,36 +191,68 @@ class Runner:
             self._eval[task] = eval_set(task, "test", hr_size=self.suite.eval_size)
             name, x, truth = self._eval[task][0]  # the grid's photo: its input and ground truth
             for kind, image in (("input", x), ("truth", truth)):
-                if not self.image(f"{task}__{kind}").exists():
-                    save_png(self.image(f"{task}__{kind}"), image)
+                if not self.eval_image(task, kind).exists():
+                    save_png(self.eval_image(task, kind), image)
         return self._eval[task]
+
+    def eval_image(self, task: str, kind: str) -> Path:
+        return self.image(f"{task}__{kind}__{self._eval_id(task)}")
 
     def image(self, stem: str) -> Path:
         """Where the report's PNG of ``stem`` lives (first held-out photo of the task)."""
         return self.out / "images" / f"{stem}.png"
 
+    def teacher_image(self, task: str, path: Path) -> Path:
+        return self.image(f"teacher__{task}__{file_sha256(path)[:ID_CHARS]}__{self._eval_id(task)}")
+
     # -- teachers ---------------------------------------------------------------------------------------
-    def teacher_path(self, task: str, defence: Defence, strip: bool = False) -> Path:
-        source = Path(self.suite.teachers.get(task) or BUNDLED.get(task) or "")
-        if not source.is_file():
-            raise FileNotFoundError(f"no teacher for task '{task}': set teachers.{task} in the suite file")
+    def teacher_path(self, task: str, defence: Defence, strip: bool = False, strip_by: str = "manifest") -> Path:
+        """The served teacher (the source file, or a cached hardened copy keyed on its configuration), or with
+        ``strip`` the thief's stripped copy of it.  A cached file whose manifest disagrees is rebuilt."""
+        source = self.source_teacher(task)
         if not defence.layers:
             return source
-        hardened = self.out / "teachers" / f"{task}__{defence.name}.onnx"
-        if not hardened.exists():
-            params = AsvpParams(rank=defence.rank, gain=defence.gain, mode=defence.mode,
-                                adaptive_energy=defence.adaptive_energy)  # automatic iterations/precision
-            harden(source, hardened, HardenConfig(layers=defence.layers, params=params,
-                                                  placement=defence.placement, validate=False, force=True))
+        config = self.teacher_config(task, defence)
+        stem = f"{task}__{defence.name}__{digest(config)[:ID_CHARS]}"
+        hardened = self.out / "teachers" / f"{stem}.onnx"
+        if not self._hardened_matches(hardened, source, config):
+            harden(source, hardened, HardenConfig(
+                layers=defence.layers, params=AsvpParams(**config["hardening"]["params"]),
+                placement=defence.placement, validate=False, force=True))  # written atomically
         if not strip:
             return hardened
-        stripped = self.out / "teachers" / f"{task}__{defence.name}__stripped.onnx"
+        strip_id = digest({"hardened": config, "attacks": attacks_fingerprint(), "by": strip_by})[:ID_CHARS]
+        stripped = self.out / "teachers" / f"{stem}__stripped_{strip_id}.onnx"
         if not stripped.exists():
-            model, removed = strip_asvp(onnx.load(str(hardened)))
+            model = onnx.load(str(hardened))
+            if strip_by == "structure":  # the thief sees what `harden --no-manifest` ships: no labels at all
+                from hardener.rewrite import anonymize
+
+                model, _ = anonymize(model, onnx.load(str(self.source_teacher(task))), [])
+            model, removed = strip_asvp(model, by=None if strip_by == "manifest" else strip_by)
             if removed == 0:
                 raise RuntimeError(f"strip attack found no ASVP subgraph in {hardened}")
-            onnx.save(model, str(stripped))
+            tmp = stripped.with_name(f".{stripped.name}.tmp")
+            onnx.save(model, str(tmp))
+            tmp.replace(stripped)
         return stripped
+
+    @staticmethod
+    def _hardened_matches(path: Path, source: Path, config: dict) -> bool:
+        """Whether a cached hardened teacher is what ``config`` asks for (its manifest says so)."""
+        from hardener.rewrite import read_manifest
+
+        if not path.exists():
+            return False
+        try:
+            manifest = read_manifest(onnx.load(str(path), load_external_data=False)) or {}
+        except Exception:  # noqa: BLE001 - unreadable: rebuild it
+            return False
+        want = config["hardening"]
+        return (manifest.get("source_sha256") == file_sha256(source)
+                and manifest.get("placement") == want["placement"]
+                and normalized(manifest.get("params")) == want["params"]
+                and manifest.get("version") == config["hardener"]["version"])
 
     def teacher_metrics(self, task: str, path: Path) -> dict:
         from .degrade import TASKS
@@ -181,97 +261,150 @@ class Runner:
             oracle = Oracle(path)
             images = self.eval_set(task)
             self._teacher_metrics[str(path)] = evaluate(oracle, images, crop_border=TASKS[task].scale)
-            png = self.image(f"teacher__{task}__{path.stem}")
+            png = self.teacher_image(task, path)
             if not png.exists():
                 save_png(png, oracle(images[0][1]))
         return self._teacher_metrics[str(path)]
 
-    def answers(self, task: str, path: Path, seed: int):
-        """The thief's query set for ``seed`` and the teacher's answers (and tap features)."""
+    def answers(self, task: str, path: Path, seed: int, ensemble: bool = False, one_image: bool = False):
+        """The thief's query set for ``seed`` and the teacher's answers (and tap features).
+
+        ``one_image``: every patch from the first training photo; ``ensemble``: each input queried under
+        the 8 flips/rotations, the answers mapped back and averaged (the features are the identity's)."""
         from .data import load_photos
         from .degrade import make_pairs
 
-        key = f"{task}|{path}|{seed}"
+        key = f"{task}|{path}|{seed}|{ensemble}|{one_image}"
         if key not in self._answers:
             if self._train_photos is None:
                 self._train_photos = load_photos("train")
-            inputs, truth = make_pairs(task, self._train_photos, hr_size=self.suite.patch,
+            photos = self._train_photos[:1] if one_image else self._train_photos
+            inputs, truth = make_pairs(task, photos, hr_size=self.suite.patch,
                                        count=self.suite.queries, seed=1000 + seed)
-            answers, feats = Oracle(path)(inputs, features=True)
+            oracle = Oracle(path)
+            answers, feats = oracle(inputs, features=True)
+            if ensemble:
+                answers = np.mean([dihedral(oracle(dihedral(inputs, t)), t, inverse=True) for t in range(8)],
+                                  axis=0).astype(np.float32)
             self._answers = {key: (inputs, truth, answers, feats)}  # keep one: memory stays bounded
         return self._answers[key]
 
     # -- runs -------------------------------------------------------------------------------------------
     def plan(self) -> list[tuple]:
+        from .schema import runs_against
+
         s = self.suite
         # seed outside attacker/student: consecutive runs share one query set and its answers (cached)
         return [(t, d, a, st, seed) for t in s.tasks for d in s.defences for seed in s.seeds
                 for a in s.attackers for st in s.students
                 if (d.attackers is None or a in d.attackers)
-                and not (ATTACKERS[a].strip and not d.layers)  # nothing to strip from an undefended teacher
-                and not (ATTACKERS[a].ground_truth and d.layers)]  # the ground-truth control needs no teacher
+                and runs_against(d, a)]  # strip needs a hardened teacher; ground truth needs no teacher
+
+    def identified_plan(self) -> list[tuple[tuple, dict, str, Path]]:
+        """Each planned run with its configuration, digest and file."""
+        out = []
+        for item in self.plan():
+            config = self.run_config(*item)
+            run_id = digest(config)
+            out.append((item, config, run_id, self.run_file(*item, run_id=run_id)))
+        return out
+
+    @staticmethod
+    def load_run(file: Path, run_id: str, config: dict) -> dict | None:
+        """The finished run in ``file`` if it is exactly the one asked for, else None (to be rerun)."""
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("run_id") != run_id or data.get("config") != config:
+            return None
+        return data
 
     def run_all(self) -> list[dict]:
         from tqdm import tqdm
 
-        plan = self.plan()
-        todo = [p for p in plan if not self._file(*p).exists()]
+        plan = self._plan = self.identified_plan()
+        todo = [(item, config, run_id) for item, config, run_id, file in plan
+                if self.load_run(file, run_id, config) is None]
+        for (task, defence, attacker, _, _), _, _ in todo:  # every teacher first: a bad one fails in seconds
+            self.teacher_path(task, defence, strip=ATTACKERS[attacker].strip, strip_by=ATTACKERS[attacker].strip_by)
+            self.teacher_path(task, defence)
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="attack runs", unit="run",
                    disable=not self.progress)
-        for item in todo:
-            self.run_one(*item)
+        for item, config, run_id in todo:
+            self.run_one(*item, config=config, run_id=run_id)
             bar.update(1)
         bar.close()
-        return self.collect()
+        return self.collect(plan)
 
-    def _file(self, task, defence, attacker, student, seed) -> Path:
-        return self.out / "runs" / (run_key(task, defence.name, attacker, student, seed) + ".json")
-
-    def run_one(self, task: str, defence: Defence, attacker_name: str, student_name: str, seed: int) -> dict:
+    def run_one(self, task: str, defence: Defence, attacker_name: str, student_name: str, seed: int,
+                config: dict | None = None, run_id: str | None = None) -> dict:
         from .degrade import TASKS
 
+        config = config or self.run_config(task, defence, attacker_name, student_name, seed)
+        run_id = run_id or digest(config)
+        file = self.run_file(task, defence, attacker_name, student_name, seed, run_id=run_id)
         attacker = ATTACKERS[attacker_name]
         scale = TASKS[task].scale
         started = time.perf_counter()
-        path = self.teacher_path(task, defence, strip=attacker.strip)
+        path = self.teacher_path(task, defence, strip=attacker.strip, strip_by=attacker.strip_by)
         queried = self.teacher_path(task, defence)  # what is served (the stripped file is the thief's copy)
-        inputs, truth, answers, feats = self.answers(task, path, seed)
+        inputs, truth, answers, feats = self.answers(task, path, seed, ensemble=attacker.ensemble,
+                                                     one_image=attacker.one_image)
         targets = truth if attacker.ground_truth else answers
         student = build_student(attacker.student or student_name, scale, seed)
         steps = int(self.suite.steps * attacker.steps_factor)
         curve = train_student(student, inputs, targets, steps=steps, loss=attacker.loss,
                               target_filter=attacker.target_filter, features=feats,
                               feature_weight=attacker.feature_weight, batch=self.suite.batch, seed=seed)
+        if attacker.finetune_factor > 0:  # the thief polishes the student on its own ground truth
+            finetune = int(steps * attacker.finetune_factor)
+            curve += train_student(student, inputs, truth, steps=finetune, loss=attacker.loss, lr=1e-4,
+                                   batch=self.suite.batch, seed=seed + 7919)
+            steps += finetune
         predict = torch_predictor(student)
         metrics = evaluate(predict, self.eval_set(task), crop_border=scale)
-        key = run_key(task, defence.name, attacker_name, student_name, seed)
-        save_png(self.image(key), predict(self.eval_set(task)[0][1]))
+        image = self.image(file.stem)
+        save_png(image, predict(self.eval_set(task)[0][1]))
+        served = self.teacher_metrics(task, queried)
+        original = self.teacher_metrics(task, self.source_teacher(task))
         result = {
+            "schema": RUN_SCHEMA, "run_id": run_id, "config": config,
             "task": task, "defence": asdict(defence), "attacker": asdict(attacker), "student": student_name,
             "student_arch": attacker.student or student_name, "student_params": parameter_count(student),
             "seed": seed, "queries": len(inputs), "steps": steps, "final_loss": curve[-1] if curve else None,
             "student_metrics": metrics,
-            "teacher_served": self.teacher_metrics(task, queried),
-            "teacher_original": self.teacher_metrics(task, self.teacher_path(task, Defence("none"))),
+            "teacher_served": served,
+            "teacher_original": original,
+            "teacher_file_sha256": file_sha256(queried),
             "seconds": time.perf_counter() - started,
-            "image": str(self.image(key).relative_to(self.out)),
-            "teacher_image": str(self.image(f"teacher__{task}__{queried.stem}").relative_to(self.out)),
+            "image": str(image.relative_to(self.out)),
+            "teacher_image": str(self.teacher_image(task, queried).relative_to(self.out)),
+            "input_image": str(self.eval_image(task, "input").relative_to(self.out)),
+            "truth_image": str(self.eval_image(task, "truth").relative_to(self.out)),
             "conventions": f"PSNR/SSIM per image then averaged, RGB, crop_border={scale}, clipped to [0,1], "
                            f"{len(self.eval_set(task))} held-out photos",
         }
-        file = self._file(task, defence, attacker_name, student_name, seed)
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(file)
+        _write_json(file, result)
         return result
 
-    def collect(self) -> list[dict]:
-        """Every finished run; the suite file's baselines apply (it is the authority on comparisons)."""
-        baselines = {d.name: d.baseline for d in self.suite.defences}
-        results = [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*.json"))]
-        for r in results:
-            r["defence"]["baseline"] = baselines.get(r["defence"]["name"], r["defence"].get("baseline", "none"))
+    def collect(self, plan: list | None = None) -> list[dict]:
+        """This suite's finished runs (only files whose stored configuration is the planned one); the suite
+        file's names and baselines apply (it is the authority on comparisons)."""
+        plan = plan if plan is not None else self.identified_plan()
+        results = []
+        for (_, defence, _, _, _), config, run_id, file in plan:
+            r = self.load_run(file, run_id, config)
+            if r is not None:
+                r["defence"]["name"], r["defence"]["baseline"] = defence.name, defence.baseline
+                results.append(r)
         return results
+
+    def foreign_runs(self, plan: list | None = None) -> list[Path]:
+        """Run files in ``OUT/runs`` that are not this suite's (other configurations): never reported."""
+        plan = plan if plan is not None else (getattr(self, "_plan", None) or self.identified_plan())
+        mine = {file.name for *_, file in plan}
+        return sorted(p for p in (self.out / "runs").glob("*.json") if p.name not in mine)
 
 
 def summarize(results: list[dict]) -> dict:
@@ -290,7 +423,7 @@ def summarize(results: list[dict]) -> dict:
         runs = sorted(runs, key=lambda r: r["seed"])
         p = [r["student_metrics"]["psnr"] for r in runs]
         s = [r["student_metrics"]["ssim"] for r in runs]
-        ref_attacker = "naive" if attacker == "strip" else attacker
+        ref_attacker = "naive" if attacker in ("strip", "strip_blind") else attacker
         baseline = runs[0]["defence"].get("baseline", "none")
         ref = {r["seed"]: r for r in groups.get((task, baseline, ref_attacker, student), [])} \
             if defence != baseline else {}
@@ -316,7 +449,31 @@ def summarize(results: list[dict]) -> dict:
             / t["teacher_original"]["ssim"],
             "conventions": t.get("conventions"),
         })
+        rows[-1].update(competence(groups, task, baseline, attacker, student))
     return {"schema": "attacks.report/2", "rows": rows}
+
+
+COMPETENCE_MARGIN = 0.05  # dB: the least shortfall against the naive thief that counts as incompetent
+
+
+def competence(groups: dict, task: str, baseline: str, attacker: str, student: str) -> dict:
+    """Is ``attacker`` at least as good as the naive thief against the clean (baseline) teacher?
+
+    Paired by seed: d = PSNR(attacker's student) - PSNR(naive's student), both from the baseline teacher.
+    Competent when mean(d) >= -max(COMPETENCE_MARGIN, 2 standard errors); an incompetent attacker's drops do
+    not count as protection (``drop_counts`` False).  Strip thieves, the ground-truth control and the naive
+    thief itself are not judged (n/a)."""
+    if attacker in ("naive", "ground_truth", "strip", "strip_blind"):
+        return {"competent": None, "competence_gap": None, "drop_counts": True}
+    mine = {r["seed"]: r for r in groups.get((task, baseline, attacker, student), [])}
+    naive = {r["seed"]: r for r in groups.get((task, baseline, "naive", student), [])}
+    d = [mine[s]["student_metrics"]["psnr"] - naive[s]["student_metrics"]["psnr"] for s in mine if s in naive]
+    if not d:
+        return {"competent": None, "competence_gap": None, "drop_counts": False}
+    gap = float(np.mean(d))
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    ok = gap >= -max(COMPETENCE_MARGIN, 2 * se)
+    return {"competent": bool(ok), "competence_gap": gap, "drop_counts": bool(ok)}
 
 
 def _fmt(v, f: str) -> str:
@@ -336,7 +493,10 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
              "`student drop` = the same student, attacker and seed distilled from the baseline teacher (the "
              "undefended one unless the row says otherwise) minus this one, mean +- std over seeds (positive = "
              "protection; strip is compared with naive). "
-             "`teacher drop` = what the defence costs the teacher against ground truth.", "",
+             "`teacher drop` = what the defence costs the teacher against ground truth. "
+             "`competent` = the attacker's student from the baseline (clean) teacher is at least as good as the "
+             f"naive thief's (paired by seed, within max({COMPETENCE_MARGIN} dB, 2 standard errors)); an "
+             "incompetent attacker's drop is struck through: it does not count as protection.", "",
              "## Defences", "",
              "| task | defence | placement | mode | k | h | layers | teacher PSNR | teacher drop (dB) | "
              "teacher SSIM drop (%) |", "|---|---|---|---|---:|---:|---|---:|---:|---:|"]
@@ -350,13 +510,17 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
                      f"{', '.join(r['layers']) or '-'} | {r['teacher_psnr']:.2f} | {r['teacher_psnr_drop']:.3f} | "
                      f"{r['teacher_ssim_drop_pct']:.2f} |")
     lines += ["", "## Students", "",
-              "| task | defence | attacker | student | seeds | student PSNR | +- | student drop (dB) | +- | "
-              "SSIM drop (%) | teacher drop (dB) |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| task | defence | attacker | student | seeds | competent | student PSNR | +- | student drop (dB) | "
+              "+- | SSIM drop (%) | teacher drop (dB) |",
+              "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         vs = "" if r["baseline"] == "none" else f" (vs {r['baseline']})"
+        ok = r.get("competent")
+        competent = "n/a" if ok is None else "yes" if ok else f"no ({r['competence_gap']:+.2f} dB)"
+        drop = _fmt(r["student_psnr_drop"], ".2f")
+        drop = drop if r.get("drop_counts", True) or drop == "-" else f"~~{drop}~~"
         lines.append(f"| {r['task']} | {r['defence']}{vs} | {r['attacker']} | {r['student']} | {r['seeds']} | "
-                     f"{r['student_psnr']:.2f} | {r['student_psnr_std']:.2f} | {_fmt(r['student_psnr_drop'], '.2f')} | "
+                     f"{competent} | {r['student_psnr']:.2f} | {r['student_psnr_std']:.2f} | {drop} | "
                      f"{_fmt(r['student_psnr_drop_std'], '.2f')} | {_fmt(r['student_ssim_drop_pct'], '.1f')} | "
                      f"{r['teacher_psnr_drop']:.3f} |")
     if results:
@@ -381,8 +545,8 @@ def draw(summary: dict, results: list[dict], out: Path) -> list[str]:
             mine = [r for r in runs if r["defence"]["name"] == defence]
             first = mine[0]
             ts = first["teacher_served"]["per_image_psnr"][0]
-            row = [("input", out / "images" / f"{task}__input.png"),
-                   ("ground truth", out / "images" / f"{task}__truth.png"),
+            row = [("input", out / first.get("input_image", f"images/{task}__input.png")),
+                   ("ground truth", out / first.get("truth_image", f"images/{task}__truth.png")),
                    (f"teacher [{defence}] {ts:.2f} dB", out / first["teacher_image"] if first.get("teacher_image") else None)]
             for student in students:
                 naive = sorted((r for r in mine if r["student"] == student and r["attacker"]["name"] == "naive"),
@@ -399,3 +563,14 @@ def draw(summary: dict, results: list[dict], out: Path) -> list[str]:
     if tradeoff_curve(out / "tradeoff.png", summary["rows"]):
         written.append("tradeoff.png")
     return written
+
+
+def dihedral(x: np.ndarray, t: int, inverse: bool = False) -> np.ndarray:
+    """One of the 8 flips/rotations of NCHW images (``t`` in 0..7: rotation t % 4, then a flip if t >= 4),
+    or its inverse."""
+    k = t % 4
+    if not inverse:
+        y = np.rot90(x, k, axes=(2, 3))
+        return np.ascontiguousarray(y[..., ::-1] if t >= 4 else y)
+    y = x[..., ::-1] if t >= 4 else x
+    return np.ascontiguousarray(np.rot90(y, -k, axes=(2, 3)))

@@ -1,0 +1,116 @@
+"""What a run or a cached teacher *is*: content fingerprints, so a result file is keyed on what produced it.
+
+Every cached hardened teacher and every run file is named after a digest of the configuration that
+determines it, and stores that configuration; a file whose stored configuration differs from the one asked
+for is never reused.  Pieces:
+
+* a teacher file: sha256 of the ``.onnx`` file and of each external-data file it references;
+* the hardener: ``hardener.__version__`` and a sha256 over the source files of the ``hardener`` package
+  (``*.py``, sorted by relative path).  A version string is not bumped per change and a git commit is absent
+  from an installed package and blind to uncommitted edits; hashing the code that runs is exact, works from an
+  installed wheel, and invalidates on any edit (a comment edit too: conservative, never wrong);
+* the attack code: the same over the modules of ``attacks`` that compute a run (photos, degradations,
+  students, distillation, the oracle), plus ``RUN_FORMAT`` (bump it when ``Runner.run_one`` changes what it
+  computes); report and plotting code is left out, so redrawing a report never reruns anything;
+* the libraries whose numerics a run depends on (torch, onnxruntime, numpy, scikit-image, and spandrel for
+  its students).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+RUN_FORMAT = 3  # bump when Runner.run_one computes something different from the same configuration
+# the attacks modules whose code determines a run's numbers (not suite.py's report, not plots.py, not cli.py)
+RUN_MODULES = ("data.py", "degrade.py", "distill.py", "oracle.py", "students.py")
+LIBRARIES = ("torch", "onnxruntime", "numpy", "scikit-image")
+
+
+def digest(config) -> str:
+    """sha256 of the canonical JSON of ``config`` (sorted keys, no spaces)."""
+    return hashlib.sha256(canonical(config).encode()).hexdigest()
+
+
+def canonical(config) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def normalized(config):
+    """``config`` as it reads back from JSON (tuples become lists): what a stored copy is compared with."""
+    return json.loads(canonical(config))
+
+
+def _sha_of_files(root: Path, names: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0")
+        h.update((root / name).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def hardener_fingerprint() -> dict:
+    import hardener
+
+    root = Path(hardener.__file__).resolve().parent
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    return {"version": hardener.__version__, "source_sha256": _sha_of_files(root, files)}
+
+
+@lru_cache(maxsize=None)
+def attacks_fingerprint() -> dict:
+    root = Path(__file__).resolve().parent
+    return {"run_format": RUN_FORMAT, "source_sha256": _sha_of_files(root, sorted(RUN_MODULES))}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=None)
+def environment(spandrel: bool = False) -> dict:
+    names = LIBRARIES + (("spandrel", "torchvision") if spandrel else ())
+    return {name: _version(name) for name in names}
+
+
+@lru_cache(maxsize=64)
+def _file_sha(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file (memoised on path, size and modification time)."""
+    st = Path(path).stat()
+    return _file_sha(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def teacher_sha256(path: Path) -> str:
+    """sha256 of an ONNX teacher: the file, and each external-data file it references (sorted by location)."""
+    st = Path(path).stat()
+    return _teacher_sha(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _teacher_sha(name: str, size: int, mtime_ns: int) -> str:
+    import onnx
+    from onnx import external_data_helper as ext
+
+    path = Path(name)
+    main = file_sha256(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = sorted({ext.ExternalDataInfo(t).location for t in ext._get_all_tensors(model)
+                        if ext.uses_external_data(t)})
+    if not locations:
+        return main
+    return digest({"onnx": main, "external": {loc: file_sha256(path.parent / loc) for loc in locations}})
