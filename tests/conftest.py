@@ -21,6 +21,17 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd)
 
 
+def invoke(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    """The console entry in-process (as `harden ARGS`): exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["harden", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        from hardener.cli import entry
+
+        entry()
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
 def run_model(path_or_model, feed: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
     source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])

@@ -7,20 +7,13 @@ import sys
 import onnx
 import pytest
 
-from hardener.cli import entry, main
+from hardener.cli import main
 from hardener.model_io import sha256_file
 from hardener.rewrite import read_manifest
 
-from conftest import TEACHER, run_cli
+from conftest import TEACHER, invoke, run_cli
 
 
-def invoke(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    """The console entry in-process (as `harden ARGS`): exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["harden", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        entry()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def test_demo_quiet_hardens_the_bundled_teacher_on_real_photos(tmp_path):

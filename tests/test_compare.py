@@ -2,25 +2,17 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
 from hardener import AsvpParams, HardenConfig, harden
-from hardener.cli import entry
 from hardener.metrics import psnr_of_mse, squared_error
 
-from conftest import TEACHER, real_photos, run_model
+from conftest import TEACHER, invoke, real_photos, run_model
 
 
-def invoke(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["harden", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        entry()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 @pytest.fixture(scope="module")

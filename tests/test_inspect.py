@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import onnx
@@ -10,22 +9,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from hardener import AsvpParams, HardenConfig, harden
-from hardener.cli import entry
 from hardener.layers import LayerIndex
 from hardener.rewrite import MANIFEST_KEY, NODE_PREFIX
 
-from conftest import TEACHER
+from conftest import TEACHER, invoke
 
 # The bundled teacher by hand: head 3->32, eight 32->32 body convs, tail 32->12, all 3x3, per output pixel.
 TEACHER_MACS_PER_PIXEL = 32 * 3 * 9 + 8 * 32 * 32 * 9 + 12 * 32 * 9
 
 
-def invoke(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["harden", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        entry()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 @pytest.fixture(scope="module")
