@@ -37,7 +37,7 @@ class HardenConfig:
     tf32: bool = False
     scrub_paths: bool = True
     force: bool = False
-    inputs: str | None = None  # .npz or image folder for validation; None: seeded synthetic inputs
+    inputs: str | None = None  # .npz, image folder or image file; None: real photos (seeded noise if synthetic)
     truth: str | None = None  # ground-truth image folder matching an image-folder ``inputs``
     num_samples: int | None = None  # at most this many validation inputs (synthetic: exactly; default 4)
     synthetic: bool = False  # validate on seeded noise instead of the default real photographs
@@ -72,7 +72,9 @@ def harden(
     """Insert ASVP after the selected layers, write the model atomically, validate, report.
 
     ``data_reader`` supplies validation feeds (``get_next() -> dict | None``); by default they come from
-    ``config.inputs`` (seeded synthetic inputs when that is None).  With ``raise_on_failure`` a failed budget raises ``FidelityError`` after everything is written.
+    ``config.inputs`` (real photographs when that is None; seeded noise with ``config.synthetic``).  Every
+    feed is checked against the model before it runs.  With ``raise_on_failure`` a failed budget raises
+    ``FidelityError`` after everything is written.
     """
     output = Path(output_path)
     report_file = Path(report_path) if report_path else output.with_name(output.name + ".report.json")
