@@ -86,9 +86,25 @@ def main():
 @click.option("--quick", is_flag=True, help="A CPU smoke profile that runs in minutes (not for conclusions).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("attack_results"),
               show_default=True, help="Results folder; finished runs there are reused (resumable).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def run(suite_file, quick, out, no_progress):
+@click.option("--no-progress", is_flag=True,
+              help="No progress display (by default: live on a terminal, one line per run otherwise).")
+@click.option("--executor", type=click.Choice(["local", "dask", "serial"]), default="local", show_default=True,
+              help="Where runs execute: a local process pool (1 worker = in this process), Dask distributed, "
+                   "or serial in this process.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (local pool, or the Dask LocalCluster started when --scheduler is not "
+                   "given) [default: 1, or one per --gpus id].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch and ONNX Runtime threads per worker [default: cores / workers; 1 on a remote "
+                   "scheduler]. workers x threads may not exceed the cores.")
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="An existing Dask scheduler, e.g. tcp://HOST:8786 (implies --executor dask).")
+@click.option("--gpus", metavar="IDS", default=None,
+              help="Local pool: comma-separated GPU ids, one worker per GPU (CUDA_VISIBLE_DEVICES per worker).")
+def run(suite_file, quick, out, no_progress, executor, workers, threads, scheduler, gpus):
     from hardener.errors import HardenerError
+
+    from .executors import RunsFailed, make_executor
 
     try:
         if suite_file:
@@ -98,9 +114,24 @@ def run(suite_file, quick, out, no_progress):
             suite.check("built-in suite")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if scheduler:
+        executor = "dask"
+    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    workers = workers or (len(gpu_ids) if gpu_ids else 1)  # by default one worker per GPU
     try:
-        runner = Runner(suite, out, progress=not no_progress and sys.stderr.isatty(), check=False)
-        results = runner.run_all()
+        pool = make_executor(executor, workers=workers, threads=threads, scheduler=scheduler, gpus=gpu_ids)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ImportError as exc:
+        click.echo(f"attack: error: {exc}", err=True)
+        sys.exit(3)
+    failed = None
+    try:
+        runner = Runner(suite, out, progress=not no_progress, check=False)
+        try:
+            results = runner.run_all(executor=pool)
+        except RunsFailed as exc:
+            failed, results = exc, runner.collect()
         foreign = runner.foreign_runs()
         write_report(summarize(results), out, results)
     except KeyboardInterrupt:
@@ -116,3 +147,7 @@ def run(suite_file, quick, out, no_progress):
         click.echo(f"attack: note: {len(foreign)} run file(s) in {out / 'runs'} belong to other configurations "
                    "(another suite, or changed parameters or code) and are not in this report", err=True)
     click.echo((out / "report.md").read_text())
+    if failed is not None:
+        click.echo(f"attack: error: {' '.join(str(failed).split())}; the report covers the finished runs only",
+                   err=True)
+        sys.exit(4)

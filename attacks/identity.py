@@ -10,8 +10,9 @@ for is never reused.  Pieces:
   from an installed package and blind to uncommitted edits; hashing the code that runs is exact, works from an
   installed wheel, and invalidates on any edit (a comment edit too: conservative, never wrong);
 * the attack code: the same over the modules of ``attacks`` that compute a run (photos, degradations,
-  students, distillation, the oracle), plus ``RUN_FORMAT`` (bump it when ``Runner.run_one`` changes what it
-  computes); report and plotting code is left out, so redrawing a report never reruns anything;
+  students, distillation, the oracle, the provenance marks and verdicts), plus ``RUN_FORMAT`` (bump it when
+  ``Runner.run_one`` changes what it computes); report and plotting code is left out, so redrawing a report
+  never reruns anything (except ``provenance.py``'s table code, which shares the module with the verdict);
 * the libraries whose numerics a run depends on (torch, onnxruntime, numpy, scikit-image, and spandrel for
   its students).
 """
@@ -23,9 +24,9 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-RUN_FORMAT = 3  # bump when Runner.run_one computes something different from the same configuration
+RUN_FORMAT = 4  # bump when Runner.run_one computes something different from the same configuration
 # the attacks modules whose code determines a run's numbers (not suite.py's report, not plots.py, not cli.py)
-RUN_MODULES = ("data.py", "degrade.py", "distill.py", "oracle.py", "students.py")
+RUN_MODULES = ("data.py", "degrade.py", "distill.py", "oracle.py", "provenance.py", "students.py")
 LIBRARIES = ("torch", "onnxruntime", "numpy", "scikit-image")
 
 

@@ -21,10 +21,12 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from hardener.asvp import MODES
+from hardener.provenance.probes import DEFAULT_COUNT as PROBE_COUNT
 from hardener.rewrite import PLACEMENTS
 
 from .degrade import TASKS
 from .distill import ATTACKERS
+from .provenance import MARK_KEYS
 from .students import _SPANDREL_MISSING, _SPANDREL_SCALES, SPANDREL_STUDENTS, STUDENTS
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # defence names become parts of file names
@@ -92,6 +94,8 @@ def build_models():
         attackers: Annotated[Annotated[list[AttackerName], Field(min_length=1)] | None, AfterValidator(_unique),
                              Field(**d["attackers"])]
         baseline: Annotated[str, Field(**d["baseline"])]
+        mark: Annotated[bool, Field(**d["mark"])]
+        mark_key: Annotated[Literal[MARK_KEYS], Field(**d["mark_key"])]
 
     class SuiteFile(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
@@ -108,6 +112,8 @@ def build_models():
         steps: Annotated[int, Field(ge=1, le=10_000_000, **s["steps"])]
         batch: Annotated[int, Field(ge=1, le=4096, **s["batch"])]
         eval_size: Annotated[int, Field(ge=32, le=2048, **s["eval_size"])]
+        provenance_probes: Annotated[int, Field(ge=1, le=PROBE_COUNT, **s["provenance_probes"])]
+        provenance_null_keys: Annotated[int, Field(ge=20, le=100_000, **s["provenance_null_keys"])]
 
     for model, cls in ((SuiteFile, Suite), (DefenceEntry, Defence)):  # the dataclasses are the source of keys
         keys = {f.name for f in dataclasses.fields(cls)}
@@ -144,7 +150,7 @@ def _type_text(t) -> str:
         return " | ".join(_type_text(a) for a in rest)
     if isinstance(t, type) and issubclass(t, BaseModel):
         return "[[defences]] entries"
-    return {str: "string", int: "integer", float: "number"}.get(t, getattr(t, "__name__", str(t)))
+    return {str: "string", int: "integer", float: "number", bool: "true | false"}.get(t, getattr(t, "__name__", str(t)))
 
 
 def _describe(field) -> str:
@@ -220,9 +226,13 @@ def cross_check(suite, source: str = "suite", resolve_layers: bool = True) -> No
     for i, d in enumerate(suite.defences):
         if d.name in names[:i]:
             fail(f"defences[{i}].name", d.name, "expected a name not used by another defence (names must be unique)")
-    if not any(not d.layers for d in suite.defences):
+    if not any(not d.layers and not d.mark for d in suite.defences):
         raise SuiteError(f"{source}: defences: a suite needs the undefended teacher: add [[defences]] "
-                         "name = \"none\" (no layers)")
+                         "name = \"none\" (no layers, no mark)")
+    for i, d in enumerate(suite.defences):
+        if d.mark_key != "suite" and not d.mark:
+            fail(f"defences[{i}].mark_key", d.mark_key, "expected mark = true with it (an unmarked teacher has "
+                 "no mark key)")
     for i, d in enumerate(suite.defences):
         for j, a in enumerate(d.attackers or []):
             if a not in suite.attackers:
@@ -268,7 +278,7 @@ def cross_check(suite, source: str = "suite", resolve_layers: bool = True) -> No
 
 def runs_against(defence, attacker: str) -> bool:
     a = ATTACKERS[attacker]
-    return not (a.strip and not defence.layers) and not (a.ground_truth and defence.layers)
+    return not (a.strip and not defence.layers) and not (a.ground_truth and (defence.layers or defence.mark))
 
 
 def teacher_file(suite, task: str) -> Path:

@@ -23,6 +23,7 @@ import onnx
 from hardener.api import HardenConfig, harden
 from hardener.asvp import AsvpParams
 
+from . import provenance
 from .distill import ATTACKERS, evaluate, torch_predictor, train_student
 from .identity import (attacks_fingerprint, digest, environment, file_sha256, hardener_fingerprint,
                        normalized, teacher_sha256)
@@ -30,7 +31,7 @@ from .oracle import Oracle, strip_asvp
 from .plots import image_grid, save_png, tradeoff_curve
 from .students import STUDENTS, build_student, parameter_count
 
-RUN_SCHEMA = "attacks.run/3"
+RUN_SCHEMA = "attacks.run/4"
 ID_CHARS = 16  # hex digits of a run's or a teacher's digest in its file name (64 bits)
 BUNDLED = {  # teachers that ship with the packages (recipes beside each file)
     "sr2": Path(str(resources.files("hardener") / "assets" / "sr_x2.onnx")),
@@ -58,6 +59,10 @@ class Defence:
     # what student drops are measured against: the undefended teacher, or another defence (for example an
     # identity-gain tap, so a feature-distilling thief is compared with one that sees clean features)
     baseline: str = "none"
+    # serve the teacher (after hardening, if any) marked with a provenance key at a 0.05 dB cost
+    # (attacks.provenance): "suite" = the key every run is verified against, "other" = a second key
+    mark: bool = False
+    mark_key: str = "suite"
 
 
 @dataclass
@@ -75,6 +80,8 @@ class Suite:
     steps: int = 600
     batch: int = 16
     eval_size: int = 128
+    provenance_probes: int = 16  # default probe photos each student's provenance statistic runs on
+    provenance_null_keys: int = 256  # public null keys of that statistic
 
     @classmethod
     def load(cls, path: Path, resolve_layers: bool = True) -> "Suite":
@@ -114,7 +121,7 @@ class Suite:
     def quick(cls) -> "Suite":
         """Minutes on a CPU: for tests and smoke runs, not for conclusions."""
         return cls(attackers=["naive", "strip", "ground_truth"], students=["tiny"], queries=48, patch=48,
-                   steps=30, eval_size=64)
+                   steps=30, eval_size=64, provenance_probes=4, provenance_null_keys=64)
 
 
 def run_key(task, defence, attacker, student, seed) -> str:
@@ -158,6 +165,10 @@ class Runner:
             config["hardening"] = {"layers": list(defence.layers), "placement": defence.placement,
                                    "params": asdict(params)}
             config["hardener"] = hardener_fingerprint()
+        mark = provenance.mark_config(defence)
+        if mark is not None:  # absent when unmarked: unmarked teachers and runs keep their identity
+            config["mark"] = mark
+            config["hardener"] = hardener_fingerprint()
         return config
 
     def run_config(self, task: str, defence: Defence, attacker_name: str, student_name: str, seed: int) -> dict:
@@ -169,6 +180,7 @@ class Runner:
             "schema": RUN_SCHEMA, "task": task, "teacher": self.teacher_config(task, defence),
             "suite": {"queries": s.queries, "patch": s.patch, "steps": s.steps, "batch": s.batch,
                       "eval_size": s.eval_size},
+            "provenance": provenance.verify_config(s),
             "attacker": asdict(attacker),
             "student": {"name": student_name, "arch": arch, "config": STUDENTS.get(arch)},
             "seed": seed, "hardener": hardener_fingerprint(), "attacks": attacks_fingerprint(),
@@ -207,31 +219,40 @@ class Runner:
 
     # -- teachers ---------------------------------------------------------------------------------------
     def teacher_path(self, task: str, defence: Defence, strip: bool = False, strip_by: str = "manifest") -> Path:
-        """The served teacher (the source file, or a cached hardened copy keyed on its configuration), or with
-        ``strip`` the thief's stripped copy of it.  A cached file whose manifest disagrees is rebuilt."""
+        """The served teacher (the source file, or a cached hardened and/or marked copy keyed on its
+        configuration), or with ``strip`` the thief's stripped copy of it.  A cached file whose manifest
+        disagrees is rebuilt.  A marked defence marks the hardened file (harden first, then mark)."""
         source = self.source_teacher(task)
-        if not defence.layers:
+        if not defence.layers and not defence.mark:
             return source
         config = self.teacher_config(task, defence)
-        stem = f"{task}__{defence.name}__{digest(config)[:ID_CHARS]}"
-        hardened = self.out / "teachers" / f"{stem}.onnx"
-        if not self._hardened_matches(hardened, source, config):
-            harden(source, hardened, HardenConfig(
-                layers=defence.layers, params=AsvpParams(**config["hardening"]["params"]),
-                placement=defence.placement, validate=False, force=True))  # written atomically
+        unmarked_config = {k: v for k, v in config.items() if k != "mark"}
+        stem = f"{task}__{defence.name}__{digest(unmarked_config)[:ID_CHARS]}"
+        served = unmarked = source
+        if defence.layers:
+            served = unmarked = self.out / "teachers" / f"{stem}.onnx"
+            if not self._hardened_matches(unmarked, source, config):
+                harden(source, unmarked, HardenConfig(
+                    layers=defence.layers, params=AsvpParams(**config["hardening"]["params"]),
+                    placement=defence.placement, validate=False, force=True))  # written atomically
+        if defence.mark:
+            stem = f"{stem}__marked_{digest(config)[:ID_CHARS]}"
+            served = self.out / "teachers" / f"{stem}.onnx"
+            if not provenance.marked_matches(served, file_sha256(unmarked), config["mark"]):
+                provenance.mark_teacher(task, unmarked, served, config["mark"])  # written atomically
         if not strip:
-            return hardened
+            return served
         strip_id = digest({"hardened": config, "attacks": attacks_fingerprint(), "by": strip_by})[:ID_CHARS]
         stripped = self.out / "teachers" / f"{stem}__stripped_{strip_id}.onnx"
         if not stripped.exists():
-            model = onnx.load(str(hardened))
+            model = onnx.load(str(served))
             if strip_by == "structure":  # the thief sees what `harden --no-manifest` ships: no labels at all
                 from hardener.rewrite import anonymize
 
                 model, _ = anonymize(model, onnx.load(str(self.source_teacher(task))), [])
             model, removed = strip_asvp(model, by=None if strip_by == "manifest" else strip_by)
             if removed == 0:
-                raise RuntimeError(f"strip attack found no ASVP subgraph in {hardened}")
+                raise RuntimeError(f"strip attack found no ASVP subgraph in {served}")
             tmp = stripped.with_name(f".{stripped.name}.tmp")
             onnx.save(model, str(tmp))
             tmp.replace(stripped)
@@ -320,7 +341,13 @@ class Runner:
             return None
         return data
 
-    def run_all(self) -> list[dict]:
+    def run_all(self, executor=None, progress=None) -> list[dict]:
+        """Every planned run not already on disk, then this suite's finished runs.
+
+        ``executor`` (:mod:`attacks.executors`: serial, local process pool, Dask) runs them as tasks that
+        each write their own file; without one they run here, one after another.  A run that fails under an
+        executor does not stop the others: its outcome is in ``self.outcomes`` and
+        :class:`attacks.executors.RunsFailed` is raised after the rest finish (rerun to redo it)."""
         from tqdm import tqdm
 
         plan = self._plan = self.identified_plan()
@@ -329,6 +356,11 @@ class Runner:
         for (task, defence, attacker, _, _), _, _ in todo:  # every teacher first: a bad one fails in seconds
             self.teacher_path(task, defence, strip=ATTACKERS[attacker].strip, strip_by=ATTACKERS[attacker].strip_by)
             self.teacher_path(task, defence)
+        if executor is not None:
+            from .executors import run_jobs
+
+            self.outcomes = run_jobs(self, executor, plan, todo, progress)  # raises RunsFailed after the rest
+            return self.collect(plan)
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="attack runs", unit="run",
                    disable=not self.progress)
         for item, config, run_id in todo:
@@ -368,6 +400,13 @@ class Runner:
         save_png(image, predict(self.eval_set(task)[0][1]))
         served = self.teacher_metrics(task, queried)
         original = self.teacher_metrics(task, self.source_teacher(task))
+        # provenance: the student's verify statistic against the suite's key (the original: the unmarked
+        # source teacher), whatever its teacher; and the served teacher's own, an innocent unless it carries
+        # the suite key's mark
+        source, s = self.source_teacher(task), self.suite
+        verdict = provenance.verdict(predict, source, teacher_sha256(source), s.provenance_probes,
+                                     s.provenance_null_keys, eps=provenance.served_eps(queried))
+        prov_label, prov_why = provenance.label(defence, attacker)
         result = {
             "schema": RUN_SCHEMA, "run_id": run_id, "config": config,
             "task": task, "defence": asdict(defence), "attacker": asdict(attacker), "student": student_name,
@@ -377,6 +416,9 @@ class Runner:
             "teacher_served": served,
             "teacher_original": original,
             "teacher_file_sha256": file_sha256(queried),
+            "provenance": verdict, "provenance_label": prov_label, "provenance_why": prov_why,
+            "teacher_provenance": provenance.teacher_verdict(queried, source, s.provenance_probes,
+                                                             s.provenance_null_keys),
             "seconds": time.perf_counter() - started,
             "image": str(image.relative_to(self.out)),
             "teacher_image": str(self.teacher_image(task, queried).relative_to(self.out)),
@@ -450,7 +492,7 @@ def summarize(results: list[dict]) -> dict:
             "conventions": t.get("conventions"),
         })
         rows[-1].update(competence(groups, task, baseline, attacker, student))
-    return {"schema": "attacks.report/2", "rows": rows}
+    return {"schema": "attacks.report/3", "rows": rows, "provenance": provenance.table(results)}
 
 
 COMPETENCE_MARGIN = 0.05  # dB: the least shortfall against the naive thief that counts as incompetent
@@ -523,6 +565,7 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
                      f"{competent} | {r['student_psnr']:.2f} | {r['student_psnr_std']:.2f} | {drop} | "
                      f"{_fmt(r['student_psnr_drop_std'], '.2f')} | {_fmt(r['student_ssim_drop_pct'], '.1f')} | "
                      f"{r['teacher_psnr_drop']:.3f} |")
+    lines += provenance.markdown(summary["provenance"]) if summary.get("provenance") else []
     if results:
         pictures = draw(summary, results, out)
         lines += ["", "## Pictures", ""] + [f"- `{p}`" for p in pictures]

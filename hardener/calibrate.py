@@ -9,8 +9,8 @@ default, the gain is calibrated on the validation images:
 - without it, ``target_psnr`` P: the PSNR of hardened vs original outputs is P +- 0.1 dB.
 
 The search brackets h - 1 by doubling or halving from 0.3, then bisects log(h - 1) until the metric is
-within a quarter of the tolerance; each step hardens the model in memory and runs it on the images.  The chosen h is rounded to 4 significant digits (so that
-``--gain`` with the reported value rebuilds the same file) and measured again at that value.  A target that
+within a quarter of the tolerance; each step hardens the model in memory and runs it on the images.  The chosen h - 1 is rounded to 4 significant digits (so that
+``--gain`` with the reported value rebuilds the same file, and gains near 1 keep fine steps) and measured again at that value.  A target that
 no gain in (1, MAX_GAIN] reaches is a ``CalibrationError``: nothing is written.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ def calibrate_gain(measure: Callable[[float], float], kind: str, target: float,
             lo = (best, s)
         else:
             hi = (best, s)
-    gain = float(f"{1 + best:.4g}")
+    gain = float(f"{1 + float(f'{best:.4g}'):.12g}")  # h - 1 to 4 significant digits: fine steps near h = 1
     final = score(gain)
     if not close(final, 1.0):
         raise CalibrationError(_unreached(kind, target, trials, f"the closest gain h = {gain}"))

@@ -1,0 +1,205 @@
+"""The attack suite measures provenance (issue 11): marked teachers, a verify statistic for every run, the
+detection table.  Tiny students cannot inherit the mark in a few steps, so these tests check that the
+statistic is the one `harden verify` computes, on the same outputs, not that quick students are caught."""
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import numpy as np
+import onnx
+import pytest
+
+from attacks import provenance
+from attacks import suite as suite_mod
+from attacks.oracle import Oracle
+from attacks.schema import SuiteError
+from attacks.suite import Defence, Runner, Suite, summarize, write_report
+from hardener.provenance.mark import MARK_KEY, read_mark_manifest
+from hardener.rewrite import MANIFEST_KEY
+from hardener.provenance.probes import default_probes
+from hardener.provenance.verify import verify
+
+PROBES, NULLS = 4, 32
+TINY = dict(tasks=["sr2"], attackers=["naive", "ground_truth"], students=["tiny"], seeds=[0], queries=12, patch=32,
+            steps=4, batch=4, eval_size=32, provenance_probes=PROBES, provenance_null_keys=NULLS)
+
+
+def defences():
+    return [Defence("none"), Defence("marked", mark=True), Defence("other", mark=True, mark_key="other"),
+            Defence("asvp-marked", layers=["body.*.conv2"], rank=2, mark=True)]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny suite, run once; every student's probe outputs captured on the way (for the verify check)."""
+    out = tmp_path_factory.mktemp("suite")
+    captured = []
+    real = provenance.verdict
+
+    def spy(predict, *args, **kwargs):
+        result = real(predict, *args, **kwargs)
+        outs = [np.asarray(predict(p[None]), np.float64)[0] for _, p in default_probes(args[2])]
+        captured.append((result["z"], outs))
+        return result
+
+    proxy = types.SimpleNamespace(**{k: getattr(provenance, k) for k in dir(provenance) if not k.startswith("__")})
+    proxy.verdict = spy  # only the suite's per-student calls go through the spy
+    mp = pytest.MonkeyPatch()
+    mp.setattr(suite_mod, "provenance", proxy)
+    try:
+        runner = Runner(Suite(defences=defences(), **TINY), out, progress=False)
+        results = runner.run_all()
+    finally:
+        mp.undo()
+    summary = summarize(results)
+    write_report(summary, out)
+    return runner, results, summary, captured, out
+
+
+def test_every_run_has_a_verdict_and_the_report_a_provenance_table(finished):
+    runner, results, summary, _, out = finished
+    files = sorted((out / "runs").glob("*.json"))
+    # ground truth runs only against the unmarked, unhardened teacher
+    assert len(files) == len(results) == 5
+    labels = {}
+    for f in files:
+        r = json.loads(f.read_text())
+        assert r["schema"] == "attacks.run/4"
+        p = r["provenance"]
+        assert math.isfinite(p["z"]) and 0 < p["p_gaussian"] < 1 and p["null_keys"] == NULLS
+        assert p["probes"] == PROBES and p["key_id"] == provenance.key("suite").key_id
+        assert r["config"]["provenance"]["null_keys"] == NULLS
+        labels[(r["defence"]["name"], r["attacker"]["name"])] = r["provenance_label"]
+        t = r["teacher_provenance"]
+        if r["defence"]["name"] in ("marked", "asvp-marked"):
+            assert p["eps"] > 0 and t["derived"] and t["z"] > 5  # the served teacher: its own mark, found
+        else:
+            assert p["eps"] is None and p["amplitude_over_eps"] is None and not t["derived"]
+    assert labels == {("none", "naive"): "innocent", ("none", "ground_truth"): "innocent",
+                      ("marked", "naive"): "derived", ("other", "naive"): "innocent",
+                      ("asvp-marked", "naive"): "derived"}
+    prov = json.loads((out / "report.json").read_text())["provenance"]
+    rows = {r["arch"]: r for r in prov["rows"]}
+    assert set(rows) == {"tiny", "teacher (served)"}
+    assert rows["tiny"]["derived"]["n"] == 2 and rows["tiny"]["innocent"]["n"] == 3
+    # served teachers: the two suite-key ones are derived, the source and the other-key one innocent
+    assert rows["teacher (served)"]["derived"]["n"] == 2 and rows["teacher (served)"]["innocent"]["n"] == 2
+    assert rows["teacher (served)"]["detection_rate_verify_default"] == 1.0
+    assert prov["thresholds"]["sr2"]["innocents"] == 5 and prov["thresholds"]["sr2"]["z"] >= provenance.GAUSS_Z
+    md = (out / "report.md").read_text()
+    assert "## Provenance" in md and "| sr2 | tiny | 2 |" in md and "Gaussian tail" in md
+    assert "generate_key(seed=1101)" in md
+
+
+def test_run_z_equals_harden_verify_on_the_same_outputs(finished, tmp_path):
+    """The stored z of each student is `harden verify` on that student's probe outputs (as a folder)."""
+    runner, results, _, captured, _ = finished
+    source = runner.source_teacher("sr2")
+    assert len(captured) == len(results)
+    by_z = {z: outs for z, outs in captured}
+    names = [n for n, _ in default_probes(PROBES)]
+    for r in results[:2]:
+        folder = tmp_path / r["run_id"][:8]
+        folder.mkdir()
+        for name, o in zip(names, by_z[r["provenance"]["z"]]):
+            np.save(folder / f"{name}.npy", o)
+        rep = verify(folder, provenance.key("suite"), source, num_probes=PROBES, null_keys=NULLS)
+        assert rep["statistic"]["z"] == pytest.approx(r["provenance"]["z"], abs=1e-6)
+        assert rep["statistic"]["amplitude"] == pytest.approx(r["provenance"]["amplitude"], rel=1e-5, abs=1e-9)
+
+
+def test_marked_teacher_as_student_stand_in(finished):
+    """The marked teacher run through the suite's verdict: verify's z, the full mark (amplitude = eps)."""
+    runner, results, _, _, _ = finished
+    source = runner.source_teacher("sr2")
+    marked = runner.teacher_path("sr2", Defence("marked", mark=True))
+    eps = provenance.served_eps(marked)
+    oracle = Oracle(marked)
+    from attacks.identity import teacher_sha256
+
+    v = provenance.verdict(oracle, source, teacher_sha256(source), PROBES, NULLS, eps=eps)
+    rep = verify(marked, provenance.key("suite"), source, num_probes=PROBES, null_keys=NULLS)
+    assert v["z"] == pytest.approx(rep["statistic"]["z"], abs=1e-6) and v["z"] > 5
+    assert v["derived"] and rep["verdict"] == "derived"
+    assert v["amplitude_over_eps"] == pytest.approx(1.0, abs=0.01)
+    stored = next(r for r in results if r["defence"]["name"] == "marked")["teacher_provenance"]
+    assert stored["z"] == pytest.approx(v["z"], abs=1e-9)
+    # the mark was calibrated to the default 0.05 dB against ground truth, with the suite's key
+    manifest = read_mark_manifest(onnx.load(str(marked)))
+    cal = manifest["calibration"]["per_output"][0]
+    assert manifest["key_id"] == provenance.key("suite").key_id
+    assert cal["kind"] == "psnr_drop" and cal["achieved"] == pytest.approx(0.05, abs=1e-3)
+    other = runner.teacher_path("sr2", Defence("other", mark=True, mark_key="other"))
+    assert read_mark_manifest(onnx.load(str(other)))["key_id"] == provenance.key("other").key_id
+    # harden first, then mark: both manifests in the served file
+    both = onnx.load(str(runner.teacher_path("sr2", Defence("asvp-marked", layers=["body.*.conv2"], rank=2,
+                                                                      mark=True))))
+    assert {p.key for p in both.metadata_props} >= {MARK_KEY, MANIFEST_KEY}
+    # cached: asking again rebuilds nothing
+    before = {p.name: p.stat().st_mtime_ns for p in (runner.out / "teachers").iterdir()}
+    runner.teacher_path("sr2", Defence("marked", mark=True))
+    assert {p.name: p.stat().st_mtime_ns for p in (runner.out / "teachers").iterdir()} == before
+
+
+def test_mark_is_part_of_the_run_identity(tmp_path):
+    runner = Runner(Suite(defences=[Defence("none"), Defence("d")], **TINY), tmp_path, progress=False)
+    plain = runner.run_config("sr2", Defence("d"), "naive", "tiny", 0)
+    marked = runner.run_config("sr2", Defence("d", mark=True), "naive", "tiny", 0)
+    other = runner.run_config("sr2", Defence("d", mark=True, mark_key="other"), "naive", "tiny", 0)
+    assert "mark" not in plain["teacher"]
+    assert marked["teacher"]["mark"]["key"]["key_id"] == provenance.key("suite").key_id
+    ids = {runner.run_file("sr2", Defence("d", mark=m, mark_key=k), "naive", "tiny", 0).name
+           for m, k in ((False, "suite"), (True, "suite"), (True, "other"))}
+    assert len(ids) == 3 and len({json.dumps(c, sort_keys=True) for c in (plain, marked, other)}) == 3
+    fewer = Runner(Suite(defences=[Defence("none")], **{**TINY, "provenance_null_keys": 64}), tmp_path, progress=False)
+    assert fewer.run_config("sr2", Defence("d"), "naive", "tiny", 0) != plain  # the statistic's settings too
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('mark = "yes"', "defences[1].mark = 'yes': expected a valid boolean"),
+    ("mark = 1", "defences[1].mark = 1: expected a valid boolean"),
+    ('mark = true\nmark_key = "mine"', "defences[1].mark_key = 'mine': expected one of 'suite' or 'other'"),
+    ('mark_key = "other"', "defences[1].mark_key = 'other': expected mark = true with it"),
+])
+def test_the_schema_refuses_bad_mark_keys(tmp_path, text, expected):
+    f = tmp_path / "s.toml"
+    f.write_text(f'tasks = ["sr2"]\n[[defences]]\nname = "none"\n[[defences]]\nname = "m"\n{text}\n')
+    with pytest.raises(SuiteError) as err:
+        Suite.load(f)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_schema_limits_and_plan(tmp_path):
+    with pytest.raises(SuiteError, match="provenance_null_keys = 5: expected greater than or equal to 20"):
+        Suite(defences=[Defence("none")], **{**TINY, "provenance_null_keys": 5}).check()
+    with pytest.raises(SuiteError, match="needs the undefended teacher"):
+        Suite(defences=[Defence("m", mark=True)], **TINY).check()
+    runner = Runner(Suite(defences=defences(), **TINY), tmp_path, progress=False)
+    gt = [d.name for _, d, a, _, _ in runner.plan() if a == "ground_truth"]
+    assert gt == ["none"]
+
+
+def test_threshold_and_detection_rates():
+    z = provenance.GAUSS_Z
+    assert provenance.threshold([0.1, -1.0])[0] == z
+    assert provenance.threshold([0.1, 4.0])[0] == 4.0  # an innocent above 3.09 raises the threshold
+    many = list(np.linspace(-3, 3, 2000))
+    t, rule = provenance.threshold(many)
+    assert t == sorted(many)[-3] and rule.startswith("empirical")  # floor(2000e-3) = 2 allowed above
+    assert sum(v > t for v in many) / len(many) <= 1e-3
+
+    def run(label, arch, zv, derived=False, sha="s"):
+        return {"task": "sr2", "student_arch": arch, "provenance_label": label, "teacher_file_sha256": sha,
+                "provenance": {"z": zv, "derived": derived}, "teacher_provenance": None}
+    results = [run("innocent", "tiny", 0.5), run("innocent", "tiny", -0.2), run("innocent", "edsr", 1.0),
+               run("derived", "tiny", 2.0), run("derived", "tiny", 3.5), run("derived", "tiny", 6.0, True),
+               run("derived", "edsr", float("nan"))]
+    table = provenance.table(results)
+    rows = {r["arch"]: r for r in table["rows"]}
+    assert rows["tiny"]["derived"]["n"] == 3 and rows["tiny"]["detection_rate_fpr_1e-3"] == pytest.approx(2 / 3)
+    assert rows["tiny"]["detection_rate_verify_default"] == pytest.approx(1 / 3)
+    assert rows["tiny"]["innocent"]["z_max"] == 0.5 and rows["edsr"]["derived"]["n"] == 0
+    assert table["skipped_without_statistic"] == 1
+    assert "| sr2 | tiny | 3 | 3.83 | 2.00 | 6.00 | 67% | 33% | 2 |" in "\n".join(provenance.markdown(table))
