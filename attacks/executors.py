@@ -401,7 +401,7 @@ class Progress:
     nothing (``enabled=False``)."""
 
     def __init__(self, plan_keys: list[tuple[str, str, str]], already: set[str], stream=None,
-                 enabled: bool = True, live: bool | None = None, executor: str = ""):
+                 enabled: bool = True, live: bool | None = None, executor: str = "", out=None):
         """``plan_keys``: (run file stem, task, defence name) of every planned run; ``already``: the stems of
         runs finished before this session."""
         self.stream = stream or sys.stderr
@@ -421,6 +421,7 @@ class Progress:
         self._lines = 0
         self._last = 0.0
         self.total = len(plan_keys)
+        self.out = out
         if enabled and not self.live:
             self._print(f"attack: {sum(self.done.values())}/{self.total} runs already finished; "
                         f"{self.total - sum(self.done.values())} to run ({executor})")
@@ -428,6 +429,17 @@ class Progress:
     def _print(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
+
+    def steps(self, key: str) -> str:
+        """"step n/total" of a run in flight, from the file its worker writes (attacks.suite.StepCounter)."""
+        if self.out is None:
+            return ""
+        from .suite import step_file
+
+        try:
+            return "step " + step_file(self.out, key).read_text().strip()
+        except OSError:
+            return ""
 
     def started(self, key: str, worker: str) -> None:
         self.flight[key] = (worker, time.perf_counter())
@@ -462,7 +474,7 @@ class Progress:
             bar = "#" * round(20 * d / total) + "." * (20 - round(20 * d / total))
             lines.append(f"  {task:<10} {defence:<20} {bar} {d}/{total}")
         for key, (worker, started) in list(self.flight.items())[:16]:
-            lines.append(f"  > {key[:70]:<70} {worker:<14} {now - started:6.1f}s")
+            lines.append(f"  > {key[:70]:<70} {worker:<14} {self.steps(key):>11} {now - started:6.1f}s")
         if self._lines:
             self.stream.write(f"\x1b[{self._lines}F")  # back to the block's first line
         self.stream.write("".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
@@ -489,7 +501,7 @@ def run_jobs(runner, executor: Executor, plan: list, todo: list, progress: Progr
         todo_keys = {j.key for j in jobs}
         keys = [(stem(item, run_id), item[0], item[1].name) for item, _, run_id, _ in plan]
         progress = Progress(keys, {k for k, *_ in keys if k not in todo_keys}, enabled=runner.progress,
-                            executor=executor.describe())
+                            executor=executor.describe(), out=runner.out)
     if jobs:
         executor.prepare(runner, jobs)
         outcomes = executor.run(runner, jobs, progress)

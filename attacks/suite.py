@@ -11,6 +11,7 @@ PSNR next to the same student distilled from the undefended teacher (the protect
 from __future__ import annotations
 
 import json
+import os
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -386,13 +387,15 @@ class Runner:
         targets = truth if attacker.ground_truth else answers
         student = build_student(attacker.student or student_name, scale, seed)
         steps = int(self.suite.steps * attacker.steps_factor)
+        counter = StepCounter(step_file(self.out, file.stem), total=steps + int(steps * attacker.finetune_factor))
         curve = train_student(student, inputs, targets, steps=steps, loss=attacker.loss,
                               target_filter=attacker.target_filter, features=feats,
-                              feature_weight=attacker.feature_weight, batch=self.suite.batch, seed=seed)
+                              feature_weight=attacker.feature_weight, batch=self.suite.batch, seed=seed,
+                              progress=counter)
         if attacker.finetune_factor > 0:  # the thief polishes the student on its own ground truth
             finetune = int(steps * attacker.finetune_factor)
             curve += train_student(student, inputs, truth, steps=finetune, loss=attacker.loss, lr=1e-4,
-                                   batch=self.suite.batch, seed=seed + 7919)
+                                   batch=self.suite.batch, seed=seed + 7919, progress=counter)
             steps += finetune
         predict = torch_predictor(student)
         metrics = evaluate(predict, self.eval_set(task), crop_border=scale)
@@ -606,6 +609,30 @@ def draw(summary: dict, results: list[dict], out: Path) -> list[str]:
     if tradeoff_curve(out / "tradeoff.png", summary["rows"]):
         written.append("tradeoff.png")
     return written
+
+
+def step_file(out: Path, stem: str) -> Path:
+    """Where a run in progress says how far its training got (read by the executors' live progress)."""
+    return Path(out) / "runs" / ".steps" / f"{stem}.txt"
+
+
+class StepCounter:
+    """A ``progress`` for ``train_student`` that writes "step/total" to a small file every ``every`` steps
+    (temp + rename), so a driver can show the step counts of runs in flight on any executor; the file is
+    removed when the count reaches ``total``."""
+
+    def __init__(self, path: Path, total: int, every: int = 20):
+        self.path, self.total, self.every, self.n = path, total, every, 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.n >= self.total:
+            self.path.unlink(missing_ok=True)
+        elif self.n % self.every == 0:
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(f"{self.n}/{self.total}")
+            tmp.replace(self.path)
 
 
 def dihedral(x: np.ndarray, t: int, inverse: bool = False) -> np.ndarray:

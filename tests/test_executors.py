@@ -161,3 +161,25 @@ def test_cli_refuses_oversubscription_in_one_line(tmp_path):
                                        str(4 * (os.cpu_count() or 1))])
     assert result.exit_code == 2 and "oversubscribe" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_runs_in_flight_show_their_step_counts(tmp_path):
+    """Workers write "step n/total" beside the results (any executor); the live display reads it."""
+    import io
+
+    from attacks.executors import Progress
+    from attacks.suite import StepCounter, step_file
+
+    path = step_file(tmp_path, "sr2__none__naive__tiny__s0__abc")
+    counter = StepCounter(path, total=50, every=20)
+    for _ in range(45):
+        counter.update(1)
+    assert path.read_text() == "40/50"
+    stream = io.StringIO()
+    progress = Progress([(path.stem, "sr2", "none")], set(), stream=stream, live=True, executor="test", out=tmp_path)
+    progress.started(path.stem, "w0")
+    assert "step 40/50" in stream.getvalue()
+    for _ in range(5):
+        counter.update(1)
+    assert not path.exists()  # a finished run leaves nothing behind
+    assert progress.steps(path.stem) == ""
