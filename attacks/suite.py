@@ -474,6 +474,8 @@ def summarize(results: list[dict]) -> dict:
             if defence != baseline else {}
         paired = [(ref[r["seed"]]["student_metrics"], r["student_metrics"]) for r in runs if r["seed"] in ref]
         drops = [a["psnr"] - b["psnr"] for a, b in paired]
+        ci = paired_bootstrap([np.subtract(a["per_image_psnr"], b["per_image_psnr"]) for a, b in paired
+                               if "per_image_psnr" in a and "per_image_psnr" in b]) if len(paired) > 1 else None
         ssim_drops = [100 * (a["ssim"] - b["ssim"]) / a["ssim"] for a, b in paired]
         t, d = runs[0], runs[0]["defence"]
         rows.append({
@@ -486,6 +488,9 @@ def summarize(results: list[dict]) -> dict:
             "student_ssim": float(np.mean(s)),
             "student_psnr_drop": float(np.mean(drops)) if drops else None,
             "student_psnr_drop_std": float(np.std(drops)) if drops else None,
+            # 95 % paired bootstrap interval over seeds x images (None with fewer than 2 paired seeds)
+            "student_psnr_drop_ci95": ci,
+            "within_noise": None if ci is None else bool(ci[0] <= 0.0 <= ci[1]),
             "student_ssim_drop_pct": float(np.mean(ssim_drops)) if ssim_drops else None,
             "teacher_psnr": t["teacher_served"]["psnr"],
             "teacher_psnr_original": t["teacher_original"]["psnr"],
@@ -496,6 +501,24 @@ def summarize(results: list[dict]) -> dict:
         })
         rows[-1].update(competence(groups, task, baseline, attacker, student))
     return {"schema": "attacks.report/3", "rows": rows, "provenance": provenance.table(results)}
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def paired_bootstrap(drops: list, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list[float] | None:
+    """95 % percentile interval of the mean drop, resampling seeds and, within them, images (two-stage,
+    with replacement); ``drops`` holds one array of per-image drops per paired seed.  Deterministic."""
+    rows = [np.asarray(d, np.float64) for d in drops if len(d)]
+    if len(rows) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for b in range(samples):
+        picked = rng.integers(0, len(rows), len(rows))
+        means[b] = np.mean([rows[s][rng.integers(0, len(rows[s]), len(rows[s]))].mean() for s in picked])
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 COMPETENCE_MARGIN = 0.05  # dB: the least shortfall against the naive thief that counts as incompetent
@@ -521,6 +544,13 @@ def competence(groups: dict, task: str, baseline: str, attacker: str, student: s
     return {"competent": bool(ok), "competence_gap": gap, "drop_counts": bool(ok)}
 
 
+def _ci_text(row: dict) -> str:
+    ci = row.get("student_psnr_drop_ci95")
+    if ci is None:
+        return "n/a" if row.get("student_psnr_drop") is not None else "-"
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" + (" within noise" if row.get("within_noise") else "")
+
+
 def _fmt(v, f: str) -> str:
     return "-" if v is None else format(v, f)
 
@@ -539,6 +569,8 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
              "undefended one unless the row says otherwise) minus this one, mean +- std over seeds (positive = "
              "protection; strip is compared with naive). "
              "`teacher drop` = what the defence costs the teacher against ground truth. "
+             "`95 % CI` = paired bootstrap interval of the mean drop over seeds x held-out images "
+             f"({BOOTSTRAP_SAMPLES} resamples; n/a with one seed); 'within noise' when it contains 0. "
              "`competent` = the attacker's student from the baseline (clean) teacher is at least as good as the "
              f"naive thief's (paired by seed, within max({COMPETENCE_MARGIN} dB, 2 standard errors)); an "
              "incompetent attacker's drop is struck through: it does not count as protection.", "",
@@ -556,8 +588,8 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
                      f"{r['teacher_ssim_drop_pct']:.2f} |")
     lines += ["", "## Students", "",
               "| task | defence | attacker | student | seeds | competent | student PSNR | +- | student drop (dB) | "
-              "+- | SSIM drop (%) | teacher drop (dB) |",
-              "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "+- | 95 % CI | SSIM drop (%) | teacher drop (dB) |",
+              "|---|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         vs = "" if r["baseline"] == "none" else f" (vs {r['baseline']})"
         ok = r.get("competent")
@@ -566,7 +598,8 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
         drop = drop if r.get("drop_counts", True) or drop == "-" else f"~~{drop}~~"
         lines.append(f"| {r['task']} | {r['defence']}{vs} | {r['attacker']} | {r['student']} | {r['seeds']} | "
                      f"{competent} | {r['student_psnr']:.2f} | {r['student_psnr_std']:.2f} | {drop} | "
-                     f"{_fmt(r['student_psnr_drop_std'], '.2f')} | {_fmt(r['student_ssim_drop_pct'], '.1f')} | "
+                     f"{_fmt(r['student_psnr_drop_std'], '.2f')} | {_ci_text(r)} | "
+                     f"{_fmt(r['student_ssim_drop_pct'], '.1f')} | "
                      f"{r['teacher_psnr_drop']:.3f} |")
     lines += provenance.markdown(summary["provenance"]) if summary.get("provenance") else []
     if results:

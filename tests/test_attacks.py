@@ -265,3 +265,26 @@ def test_finetune_thief_runs_and_records_its_steps(tmp_path):
                   steps=20, eval_size=32)
     result = Runner(suite, tmp_path, progress=False).run_one("sr2", suite.defences[0], "finetune", "tiny", 0)
     assert result["steps"] == 20 + 6 and np.isfinite(result["student_metrics"]["psnr"])
+
+
+def test_drop_intervals_are_paired_bootstraps_and_flag_noise():
+    from attacks.suite import paired_bootstrap, summarize
+
+    def run(defence, seed, per_image):
+        r = _fake_run(defence, "naive", seed, float(np.mean(per_image)))
+        r["student_metrics"]["per_image_psnr"] = list(per_image)
+        return r
+
+    rng = np.random.default_rng(0)
+    clean = {s: 30 + rng.normal(0, 0.5, 6) for s in range(3)}
+    runs = [run("none", s, clean[s]) for s in range(3)]
+    runs += [run("big", s, clean[s] - 1.0 + rng.normal(0, 0.05, 6)) for s in range(3)]  # a clear 1 dB drop
+    runs += [run("tiny", s, clean[s] + 0.05 * np.array([1, -1, 1, -1, 1, -1])) for s in range(3)]  # no drop
+    runs += [run("one", 0, clean[0] - 1.0)]
+    rows = {r["defence"]: r for r in summarize(runs)["rows"]}
+    lo, hi = rows["big"]["student_psnr_drop_ci95"]
+    assert 0.9 < lo < 1.0 < hi < 1.1 and rows["big"]["within_noise"] is False
+    lo, hi = rows["tiny"]["student_psnr_drop_ci95"]
+    assert lo < 0 < hi and rows["tiny"]["within_noise"] is True
+    assert rows["one"]["student_psnr_drop_ci95"] is None and rows["one"]["within_noise"] is None  # n/a
+    assert paired_bootstrap([[1.0, 2.0], [3.0]]) == paired_bootstrap([[1.0, 2.0], [3.0]])  # deterministic
