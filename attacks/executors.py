@@ -71,29 +71,17 @@ def default_threads(workers: int) -> int:
 
 
 _RUNNER: dict = {}  # one Runner per worker process (keeps the evaluation set and the last query set warm)
-_THREADS: list[int | None] = [None]
 
 
 def set_threads(threads: int | None) -> None:
-    """torch's intra-op threads and the ONNX Runtime threads of the teacher's sessions in this process."""
+    """torch's intra-op threads in this process (the teacher's ONNX Runtime sessions get theirs from
+    ``Runner.threads``, set by :func:`execute_run`)."""
     if not threads:
         return
     import torch
 
-    from . import suite as suite_module
-    from .oracle import Oracle
-
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    _THREADS[0] = threads
-    if getattr(suite_module.Oracle, "_threads_from_executor", False) is False:
-        class ThreadedOracle(Oracle):  # the runner builds Oracles without a thread count: give them ours
-            _threads_from_executor = True
-
-            def __init__(self, path, providers=None, threads=None):
-                super().__init__(path, providers, threads or _THREADS[0])
-
-        suite_module.Oracle = ThreadedOracle
 
 
 def _runner(data: dict, out: str):
@@ -113,6 +101,7 @@ def execute_run(data: dict, out: str, item: tuple, run_id: str, threads: int | N
     Returns a small summary (the result itself is the JSON file written into ``out/runs``)."""
     set_threads(threads)
     runner = _runner(data, out)
+    runner.threads = threads  # the ONNX Runtime threads of the teacher sessions it opens (None: the default)
     task, defence_name, attacker, student, seed = item
     defence = next(d for d in runner.suite.defences if d.name == defence_name)
     config = runner.run_config(task, defence, attacker, student, seed)
@@ -181,11 +170,9 @@ class SerialExecutor(Executor):
     def run(self, runner, jobs, progress):
         import torch
 
-        from . import suite as suite_module
-
         data, out = suite_data(runner.suite), str(Path(runner.out).resolve())
         outcomes = []
-        saved = torch.get_num_threads(), suite_module.Oracle, _THREADS[0]
+        saved = torch.get_num_threads()
         try:
             for job in jobs:
                 progress.started(job.key, "main")
@@ -194,8 +181,7 @@ class SerialExecutor(Executor):
                 outcomes.append(Outcome(job.key, summary["status"], "main", time.perf_counter() - started))
                 progress.finished(outcomes[-1])
         finally:  # this process's thread settings are the caller's again
-            torch.set_num_threads(saved[0])
-            suite_module.Oracle, _THREADS[0] = saved[1], saved[2]
+            torch.set_num_threads(saved)
             _RUNNER.clear()
         return outcomes
 

@@ -83,17 +83,28 @@ def environment(spandrel: bool = False) -> dict:
 
 @lru_cache(maxsize=64)
 def _file_sha(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from hardener.model_io import sha256_file
+
+    return sha256_file(Path(path))
 
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file (memoised on path, size and modification time)."""
     st = Path(path).stat()
     return _file_sha(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def stored_manifest(path: Path, read) -> dict | None:
+    """``read(model)`` (a manifest reader) of a cached ONNX file, loaded without external data, or None when
+    the file is absent, unreadable or has no such manifest: the cache entry is then rebuilt."""
+    import onnx
+
+    if not Path(path).exists():
+        return None
+    try:
+        return read(onnx.load(str(path), load_external_data=False)) or None
+    except Exception:  # noqa: BLE001 - unreadable: rebuild it
+        return None
 
 
 def teacher_sha256(path: Path) -> str:

@@ -6,6 +6,8 @@ backend: no display needed.
 """
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,12 @@ def save_png(path: Path, x: np.ndarray) -> None:
     from skimage import io
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    io.imsave(str(tmp), to_uint8(x), check_contrast=False)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.png")  # unique per writer
+    try:
+        io.imsave(str(tmp), to_uint8(x), check_contrast=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _pyplot():

@@ -100,13 +100,10 @@ def mark_teacher(task: str, unmarked: Path, output: Path, config: dict) -> None:
 
 def marked_matches(path: Path, unmarked_sha256: str, config: dict) -> bool:
     """Whether a cached marked teacher is ``config``'s mark on the file with ``unmarked_sha256``."""
-    import onnx
+    from .identity import stored_manifest
 
-    if not path.exists():
-        return False
-    try:
-        manifest = read_mark_manifest(onnx.load(str(path), load_external_data=False)) or {}
-    except Exception:  # noqa: BLE001 - unreadable: rebuild it
+    manifest = stored_manifest(path, read_mark_manifest)
+    if manifest is None:
         return False
     cal = (manifest.get("calibration") or {}).get("per_output") or [{}]
     return (manifest.get("key_id") == config["key"]["key_id"] and manifest.get("source_sha256") == unmarked_sha256

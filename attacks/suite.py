@@ -23,11 +23,12 @@ import onnx
 
 from hardener.api import HardenConfig, harden
 from hardener.asvp import AsvpParams
+from hardener.model_io import atomic_write
 
 from . import provenance
 from .distill import ATTACKERS, evaluate, torch_predictor, train_student
 from .identity import (attacks_fingerprint, digest, environment, file_sha256, hardener_fingerprint,
-                       normalized, teacher_sha256)
+                       normalized, stored_manifest, teacher_sha256)
 from .oracle import Oracle, strip_asvp
 from .plots import image_grid, save_png, tradeoff_curve
 from .students import STUDENTS, build_student, parameter_count
@@ -131,16 +132,16 @@ def run_key(task, defence, attacker, student, seed) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write(json.dumps(data, indent=2).encode(), None, path)
 
 
 class Runner:
-    def __init__(self, suite: Suite, out: Path, progress: bool = True, check: bool = True):
+    def __init__(self, suite: Suite, out: Path, progress: bool = True, check: bool = True,
+                 threads: int | None = None):
         if check:
             suite.check()  # a programmatic suite meets the same schema as a file (SuiteError otherwise)
         self.suite, self.out, self.progress = suite, out, progress
+        self.threads = threads  # ONNX Runtime intra-op threads of the teacher's sessions (None: its default)
         (out / "runs").mkdir(parents=True, exist_ok=True)
         (out / "teachers").mkdir(exist_ok=True)
         self._answers: dict[str, tuple] = {}
@@ -254,9 +255,7 @@ class Runner:
             model, removed = strip_asvp(model, by=None if strip_by == "manifest" else strip_by)
             if removed == 0:
                 raise RuntimeError(f"strip attack found no ASVP subgraph in {served}")
-            tmp = stripped.with_name(f".{stripped.name}.tmp")
-            onnx.save(model, str(tmp))
-            tmp.replace(stripped)
+            atomic_write(model.SerializeToString(), None, stripped)  # a unique temporary: workers may race
         return stripped
 
     @staticmethod
@@ -264,11 +263,8 @@ class Runner:
         """Whether a cached hardened teacher is what ``config`` asks for (its manifest says so)."""
         from hardener.rewrite import read_manifest
 
-        if not path.exists():
-            return False
-        try:
-            manifest = read_manifest(onnx.load(str(path), load_external_data=False)) or {}
-        except Exception:  # noqa: BLE001 - unreadable: rebuild it
+        manifest = stored_manifest(path, read_manifest)
+        if manifest is None:
             return False
         want = config["hardening"]
         return (manifest.get("source_sha256") == file_sha256(source)
@@ -280,7 +276,7 @@ class Runner:
         from .degrade import TASKS
 
         if str(path) not in self._teacher_metrics:
-            oracle = Oracle(path)
+            oracle = Oracle(path, threads=self.threads)
             images = self.eval_set(task)
             self._teacher_metrics[str(path)] = evaluate(oracle, images, crop_border=TASKS[task].scale)
             png = self.teacher_image(task, path)
@@ -303,7 +299,7 @@ class Runner:
             photos = self._train_photos[:1] if one_image else self._train_photos
             inputs, truth = make_pairs(task, photos, hr_size=self.suite.patch,
                                        count=self.suite.queries, seed=1000 + seed)
-            oracle = Oracle(path)
+            oracle = Oracle(path, threads=self.threads)
             answers, feats = oracle(inputs, features=True)
             if ensemble:
                 answers = np.mean([dihedral(oracle(dihedral(inputs, t)), t, inverse=True) for t in range(8)],

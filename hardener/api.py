@@ -17,7 +17,7 @@ import onnx
 from .asvp import AsvpParams
 from .calibrate import Calibration, calibrate_gain, image_output_index
 from .errors import FidelityError, HardenerError, InvalidModelError, UsageError
-from .inputs import CheckedReader, DataReader, open_inputs
+from .inputs import CheckedReader, DataReader, ListReader, open_inputs
 from .layers import LayerIndex, normalize_layers
 from .model_io import check_output_paths, load_model, remove_written, runtime_refusal, save_model, sha256_file
 from .report import SCHEMA, summary, versions, write_json
@@ -172,9 +172,7 @@ def _drain(reader: DataReader) -> list[dict]:
 
 def _replay(feeds: list[dict], reader: DataReader) -> DataReader:
     """The drained feeds again, as a reader that keeps the original's description."""
-    from .inputs import _ListReader
-
-    return _ListReader(feeds, getattr(reader, "description", None) or "a custom data reader")
+    return ListReader(feeds, getattr(reader, "description", None) or "a custom data reader")
 
 
 def _calibrate(loaded, selections, config: HardenConfig, feeds: list[dict], providers: list[str]) -> dict:
@@ -204,8 +202,8 @@ def _calibrate(loaded, selections, config: HardenConfig, feeds: list[dict], prov
         session = make_session(_serialized(model, loaded), providers, config.tf32)
         image: dict = {}
         for model_feed, truth, o_outs in base:
-            h_outs = run_session(session, names, model_feed, "hardened model")
-            compare_outputs(names, o_outs, h_outs, truth, budgets, None, image, with_ssim=False)
+            h_outs = run_session(session, [name], model_feed, "hardened model")  # only the calibrated output
+            compare_outputs([name], [o_outs[index]], h_outs, truth, budgets, None, image, with_ssim=False)
         stats = image[name].summary(budgets.data_range)
         return stats["psnr_drop_vs_truth"] if kind == "psnr_drop" else stats["psnr_vs_original"]
 

@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from .errors import FidelityError, InvalidModelError, UsageError
-from .inputs import TRUTH_PREFIX, open_inputs
-from .metrics import DiffStats, is_image_batch, psnr_of_mse, squared_error, ssim
+from .errors import FidelityError, HardenerError, InvalidModelError, UsageError
+from .inputs import open_inputs
+from .metrics import DiffStats, psnr_of_mse
 from .model_io import load_model
 from .runtime import make_session, resolve_providers
+from .validate import Budgets, ImageStats, compare_outputs, split_truth
 
 SCHEMA = "hardener.compare/1"
 DEFAULT_TOL = 1e-5
@@ -116,8 +117,6 @@ def check_interfaces(a: onnx.ModelProto, b: onnx.ModelProto, outputs: list[str] 
 
 
 def _session(loaded, providers: list[str], tf32: bool):
-    from .errors import HardenerError
-
     try:
         return make_session(loaded.path, providers, tf32)
     except HardenerError:
@@ -152,15 +151,15 @@ def compare_models(path_a: str | os.PathLike, path_b: str | os.PathLike, config:
     reader = open_inputs(config.inputs, a.model, count=config.num_samples or 4, limit=config.num_samples,
                          seed=config.seed, **kwargs)
     sess_a, sess_b = _session(a, providers, config.tf32), _session(b, providers, config.tf32)
-    kw = {"data_range": config.data_range, "crop_border": config.crop_border}
+    image_budget = Budgets(data_range=config.data_range, crop_border=config.crop_border)
     stats = {n: DiffStats() for n in names}
     worst_abs = {n: _Worst() for n in names}
     worst_rel = {n: _Worst() for n in names}
     info: dict[str, dict] = {n: {"nonfinite_mismatch": 0, "dtype": None, "shape": None} for n in names}
-    images: dict[str, dict[str, list]] = {n: {"mse": [], "ssim": []} for n in names}
+    images: dict[str, ImageStats] = {}
     samples = 0
     while (feed := reader.get_next()) is not None:
-        feed = {k: v for k, v in feed.items() if not k.startswith(TRUTH_PREFIX)}
+        feed, _ = split_truth(feed)
         outs_a = sess_a.run(names, feed)
         outs_b = sess_b.run(names, feed)
         for name, oa, ob in zip(names, outs_a, outs_b):
@@ -172,17 +171,10 @@ def compare_models(path_a: str | os.PathLike, path_b: str | os.PathLike, config:
             info[name]["nonfinite_mismatch"] += int(np.count_nonzero(finite_a != finite_b))
             both = finite_a & finite_b
             fa, fb = np.where(both, fa, 0.0), np.where(both, fb, 0.0)
-            stats[name].add(fb, fa, atol or 0.0, rtol or 0.0)
-            diff = np.abs(fb - fa)
+            diff, rel = stats[name].add(fb, fa, atol or 0.0, rtol or 0.0)
             worst_abs[name].add(diff, samples)
-            worst_rel[name].add(diff / np.maximum(np.abs(fa), 1e-12), samples)
-            if is_image_batch(oa):
-                if 2 * config.crop_border >= min(oa.shape[-2:]):
-                    raise UsageError(f"crop border {config.crop_border} leaves no pixels of output '{name}' "
-                                     f"({oa.shape[-2]}x{oa.shape[-1]})")
-                for i in range(len(oa)):
-                    images[name]["mse"].append(squared_error(ob[i], oa[i], **kw))
-                    images[name]["ssim"].append(ssim(ob[i], oa[i], **kw))
+            worst_rel[name].add(rel, samples)
+            compare_outputs([name], [oa], [ob], {}, image_budget, None, images)
         samples += 1
     if samples == 0:
         raise UsageError("the inputs hold no samples")
@@ -194,11 +186,11 @@ def compare_models(path_a: str | os.PathLike, path_b: str | os.PathLike, config:
                "max_abs_at": {"input": worst_abs[name].sample, "index": worst_abs[name].index},
                "max_rel_at": {"input": worst_rel[name].sample, "index": worst_rel[name].index},
                "nonfinite_mismatch": info[name]["nonfinite_mismatch"]}
-        if images[name]["mse"]:
-            mses = images[name]["mse"]
+        if name in images:
+            mses = images[name].vs_original
             per_image = [psnr_of_mse(m, config.data_range) for m in mses]
             worst = int(np.argmin(per_image))
-            ssims = [s for s in images[name]["ssim"] if np.isfinite(s)]
+            ssims = [s for s in images[name].ssim_vs_original if np.isfinite(s)]
             row.update({"psnr": psnr_of_mse(float(np.mean(mses)), config.data_range),
                         "psnr_worst_image": per_image[worst], "psnr_worst_image_index": worst,
                         "ssim": float(np.mean(ssims)) if ssims else None, "images": len(mses)})

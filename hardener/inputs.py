@@ -209,7 +209,9 @@ class _SizedCheckedReader(CheckedReader):
         return len(self.reader)
 
 
-class _ListReader:
+class ListReader:
+    """Feeds held in memory, handed out in order (the reader every input source ends in)."""
+
     def __init__(self, feeds: list[dict[str, np.ndarray]], description: str = ""):
         self.feeds = feeds
         self.description = description
@@ -278,7 +280,7 @@ def _image_input(model: onnx.ModelProto, inputs: list[ModelInput], what: str) ->
 
 # -- synthetic -------------------------------------------------------------------------------------------------
 def synthetic_reader(inputs: list[ModelInput], count: int, seed: int, size: int = SYNTHETIC_SIDE,
-                     model: onnx.ModelProto | None = None, why: str = "--synthetic") -> _ListReader:
+                     model: onnx.ModelProto | None = None, why: str = "--synthetic") -> ListReader:
     _zero_dims(inputs)
     rng = np.random.default_rng(seed)
     shapes = {}
@@ -314,7 +316,7 @@ def synthetic_reader(inputs: list[ModelInput], count: int, seed: int, size: int 
                 feed[inp.name] = rng.integers(0, 2, dims).astype(inp.dtype)
         feeds.append(feed)
     sizes = ", ".join(f"{_printable(n)} {'x'.join(map(str, d))}" for n, d in shapes.items())
-    return _ListReader(feeds, f"{count} seeded uniform-noise input(s) ({why}), seed {seed}: {sizes}")
+    return ListReader(feeds, f"{count} seeded uniform-noise input(s) ({why}), seed {seed}: {sizes}")
 
 
 # -- npz -------------------------------------------------------------------------------------------------------
@@ -346,7 +348,7 @@ def _load_arrays(path: Path, inputs: list[ModelInput]) -> dict[str, np.ndarray]:
 
 
 def npz_reader(path: Path, inputs: list[ModelInput], limit: int | None = None,
-               outputs: list[ModelInput] | None = None, model: onnx.ModelProto | None = None) -> _ListReader:
+               outputs: list[ModelInput] | None = None, model: onnx.ModelProto | None = None) -> ListReader:
     _zero_dims(inputs)
     data = _load_arrays(path, inputs)
     by_name = {i.name: i for i in inputs}
@@ -424,7 +426,7 @@ def npz_reader(path: Path, inputs: list[ModelInput], limit: int | None = None,
     used = feeds_n * batch
     dropped = f" (of {n})" if used < n else ""
     kind = "npy" if path.suffix.lower() == ".npy" else "npz"
-    return _ListReader(feeds, f"{kind} file {path}, {used} sample(s){dropped}{extra}")
+    return ListReader(feeds, f"{kind} file {path}, {used} sample(s){dropped}{extra}")
 
 
 # -- images ----------------------------------------------------------------------------------------------------
@@ -557,7 +559,7 @@ def _truth_check(truth: np.ndarray, out_name: str, dims: list | None, img_path, 
 
 def image_reader(files: list[Path], model: onnx.ModelProto | None, inputs: list[ModelInput],
                  truth: Path | None = None, limit: int | None = None, what: str = "",
-                 outputs: list | None = None) -> _ListReader:
+                 outputs: list | None = None) -> ListReader:
     inp, channels = _image_input(model, inputs, f"images ({what})" if what else "images")
     _zero_dims(inputs)
     outputs = outputs if outputs is not None else model_outputs(model)
@@ -609,10 +611,10 @@ def image_reader(files: list[Path], model: onnx.ModelProto | None, inputs: list[
     sizes = sorted({f"{im.shape[1]}x{im.shape[2]}" for im in images[:len(feeds) * batch]})
     crop = " centre crops" if inp.shape[2] or inp.shape[3] else ""
     gt = f", ground truth from {truth}" if truth is not None else ""
-    return _ListReader(feeds, f"{what or 'images'}: {len(feeds) * batch} image(s), {', '.join(sizes)}{crop}{gt}")
+    return ListReader(feeds, f"{what or 'images'}: {len(feeds) * batch} image(s), {', '.join(sizes)}{crop}{gt}")
 
 
-def image_folder_reader(folder: Path, model, *args, **kwargs) -> _ListReader:
+def image_folder_reader(folder: Path, model, *args, **kwargs) -> ListReader:
     """The images of ``folder``: ``image_folder_reader(folder, model, truth_dir=None, limit=None)``.
 
     The older form ``image_folder_reader(folder, model_inputs(model), output_name, truth_dir=None,
@@ -669,7 +671,7 @@ def _photo_sources() -> list[tuple[str, object]]:
     return sources + [(f"{name} (scikit-image)", name) for name in SKIMAGE_PHOTOS]
 
 
-def photo_reader(model: onnx.ModelProto, inputs: list[ModelInput], count: int) -> _ListReader:
+def photo_reader(model: onnx.ModelProto, inputs: list[ModelInput], count: int) -> ListReader:
     """Real photographs sized to the model's one image input (see the module docstring)."""
     inp, channels = _image_input(model, inputs, "photos")
     _zero_dims(inputs)
@@ -708,7 +710,7 @@ def photo_reader(model: onnx.ModelProto, inputs: list[ModelInput], count: int) -
         kinds.append(f"{n - bundled_n} from scikit-image")
     how = "centre crops" if inp.shape[2] or inp.shape[3] else "centre crops (symbolic H, W)"
     short = f" (only {n} available)" if n < count * batch else ""
-    return _ListReader(feeds, f"{n} real photo(s){short}: {' + '.join(kinds)}, {h}x{w} {how}, "
+    return ListReader(feeds, f"{n} real photo(s){short}: {' + '.join(kinds)}, {h}x{w} {how}, "
                               f"{'grey' if channels == 1 else 'RGB'}")
 
 
@@ -733,7 +735,7 @@ def open_inputs(source: str | os.PathLike | None, model: onnx.ModelProto, *, tru
     if not inputs:  # a model of constants: one run compares it, and there is nothing to feed
         if source is not None or truth is not None:
             raise UsageError("the model has no inputs, so --inputs / --truth have nothing to feed")
-        return _ListReader([{}], "none: the model takes no inputs (one run on its constants)")
+        return ListReader([{}], "none: the model takes no inputs (one run on its constants)")
     if source is None:
         if truth is not None:
             raise UsageError("--truth needs --inputs (ground truth must match real inputs)")

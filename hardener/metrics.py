@@ -61,7 +61,9 @@ class DiffStats:
         self.samples: list[np.ndarray] = []
         self.tol_violations = 0
 
-    def add(self, hardened: np.ndarray, original: np.ndarray, atol: float, rtol: float) -> None:
+    def add(self, hardened: np.ndarray, original: np.ndarray, atol: float,
+            rtol: float) -> tuple[np.ndarray, np.ndarray]:
+        """Accumulate one batch; returns its elementwise (|h - o|, |h - o| / |o|) for callers that need them."""
         h = np.asarray(hardened, np.float64)
         o = np.asarray(original, np.float64)
         diff = np.abs(h - o)
@@ -74,6 +76,7 @@ class DiffStats:
         flat = diff.ravel()
         step = max(1, flat.size // self.SAMPLE)
         self.samples.append(flat[::step])
+        return diff, rel
 
     def summary(self) -> dict:
         sample = np.concatenate(self.samples) if self.samples else np.zeros(1)

@@ -11,24 +11,16 @@ from pathlib import Path
 
 import click
 
-from .errors import HardenerError, UsageError
+from .errors import UsageError
 
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _guard(fn, *args, **kwargs):
-    """Run ``fn``; turn every failure into one message and an exit code (click's ctx.exit)."""
-    try:
-        code = fn(*args, **kwargs)
-    except HardenerError as exc:
-        click.echo(f"error: {exc}", err=True)
-        code = exc.exit_code
-    except MemoryError:
-        click.echo("error: out of memory", err=True)
-        code = 4
-    except Exception as exc:  # noqa: BLE001 - the contract is a message and exit 4, not a traceback
-        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
-        code = 4
+    """Run ``fn`` under `harden`'s own guard (one message, the documented exit code); exit via click's ctx.exit."""
+    from .cli import _guarded
+
+    code = _guarded(fn, *args, **kwargs)
     if code:
         click.get_current_context().exit(code)  # click's Exit: CliRunner and `harden`'s entry both honour it
     return code

@@ -282,11 +282,7 @@ def all_names(graph: ir.Graph) -> set[str]:
 def make_node_names_unique(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Rename repeated node names in place (the first keeps its name); ONNX Runtime rejects repeats."""
     graph = model.graph
-    taken = {n.name for n in graph.node} | {i.name for i in graph.initializer}
-    taken |= {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
-    for node in graph.node:
-        taken.update(node.input)
-        taken.update(node.output)
+    taken = _proto_names(graph)  # subgraph bodies included: a new name must clash with none
     seen: set[str] = set()
     renamed: dict[str, list[str]] = {}
     for node in graph.node:

@@ -21,15 +21,14 @@ Two steps, kept apart so that finders can be added without touching the surgery:
 from __future__ import annotations
 
 import json
-import re
 
 import onnx
 import onnx_ir as ir
 
-from .rewrite import MANIFEST_KEY, NODE_PREFIX, read_manifest, to_proto
+from .rewrite import _PREFIX_INDEX, MANIFEST_KEY, read_manifest, to_proto
 
 FINDERS = ("manifest", "names", "structure")
-PATTERN = re.compile(re.escape(NODE_PREFIX) + r"_\d+/")
+PATTERN = _PREFIX_INDEX  # a subgraph's node prefix, as rewrite names it
 MAX_REGION_NODES = 50_000
 
 

@@ -40,7 +40,7 @@ def run_mode(mode: str, root: Path, teachers: Path) -> dict:
 
     out = root / mode
     shutil.copytree(teachers, out / "teachers")
-    runner = Runner(grid(), out, progress=False)
+    runner = Runner(grid(), out, progress=False, threads=1)  # 'direct': 1 ONNX Runtime thread, like the workers
     if mode == "direct":
         executor = None
     elif mode == "serial":
@@ -104,9 +104,9 @@ def main() -> int:
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     data = {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "grid_runs": 8, "threads_per_worker": 1,
             "modes": rows, "ratios": ratios}
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(args.out)
+    from hardener.model_io import atomic_write
+
+    atomic_write(json.dumps(data, indent=2).encode(), None, args.out)
     return 0
 
 

@@ -51,6 +51,7 @@ import onnx
 
 from hardener.api import HardenConfig, harden
 from hardener.asvp import PRECISIONS, AsvpParams, standalone_model
+from hardener.inspection import node_macs
 from hardener.runtime import make_session, probe_model, resolve_providers
 
 TEACHER = Path(__file__).resolve().parents[1] / "hardener" / "assets" / "sr_x2.onnx"
@@ -142,25 +143,14 @@ def tensor_shapes(model: Path, names: list[str], size: int, providers, threads) 
     return shapes
 
 
-def model_macs(model: Path, size: int, providers, threads) -> int:
-    """Multiply-adds of the model's Conv, ConvTranspose, MatMul and Gemm nodes at a 1x3xSxS input."""
-    proto = onnx.load(str(model))
-    nodes = [n for n in proto.graph.node if n.op_type in MAC_OPS]
-    shapes = tensor_shapes(model, [t for n in nodes for t in (n.input[0], n.input[1], n.output[0])],
-                           size, providers, threads)
-    total = 0
-    for n in nodes:
-        x, w, y = shapes[n.input[0]], shapes[n.input[1]], shapes[n.output[0]]
-        if n.op_type == "Conv":  # each output element: (Cin / group) x kernel multiply-adds, W = (Cout, Cin/g, k..)
-            total += int(np.prod(y)) * int(np.prod(w[1:]))
-        elif n.op_type == "ConvTranspose":  # each input element: (Cout / group) x kernel, W = (Cin, Cout/g, k..)
-            total += int(np.prod(x)) * int(np.prod(w[1:]))
-        elif n.op_type == "MatMul":
-            total += int(np.prod(y)) * x[-1]
-        else:  # Gemm
-            trans_a = next((a.i for a in n.attribute if a.name == "transA"), 0)
-            total += int(np.prod(y)) * x[0 if trans_a else 1]
-    return total
+def model_macs(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Multiply-adds of the model's Conv, ConvTranspose, MatMul and Gemm nodes, from measured tensor shapes."""
+    return sum(node_macs(n, shapes) or 0 for n in proto.graph.node if n.op_type in MAC_OPS)
+
+
+def mac_tensors(proto: onnx.ModelProto) -> list[str]:
+    """The tensors whose shapes ``model_macs`` reads."""
+    return [t for n in proto.graph.node if n.op_type in MAC_OPS for t in (n.input[0], n.input[1], n.output[0])]
 
 
 def insertion_macs(shape: tuple[int, ...], mode: str, rank: int) -> int:
@@ -276,13 +266,14 @@ def main(argv=None) -> int:
     # The FLOP floor's ingredients, from shapes at each benchmark size: the model's MACs, the layers' maps.
     from hardener.layers import LayerIndex
 
-    layer_sets = {p: [layer.tensor for _, layer in LayerIndex(onnx.load(str(args.model))).select(LAYER_SETS[p])]
-                  for p in args.points}
+    proto = onnx.load(str(args.model))
+    index = LayerIndex(proto)
+    layer_sets = {p: [layer.tensor for _, layer in index.select(LAYER_SETS[p])] for p in args.points}
+    wanted = mac_tensors(proto) + [t for ts in layer_sets.values() for t in ts]
     macs, map_shapes = {}, {}
-    for size in args.sizes:
-        macs[size] = model_macs(args.model, size, providers, args.threads)
-        map_shapes[size] = tensor_shapes(args.model, [t for ts in layer_sets.values() for t in ts], size,
-                                         providers, args.threads)
+    for size in args.sizes:  # one probe run per size gives both
+        map_shapes[size] = tensor_shapes(args.model, wanted, size, providers, args.threads)
+        macs[size] = model_macs(proto, map_shapes[size])
     print(f"{'provider':>8} {'size':>5} {'pts':>3} {'mode':>7} {'k':>2} {'S':>1} {'it':>2} {'nodes':>6} "
           f"{'original ms':>11} {'hardened ms':>11} {'ratio':>6} {'p90':>6} {'cpu':>6} {'floor':>6} {'vs floor':>8}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import platform
 import sys
 import warnings
@@ -23,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from hardener.model_io import atomic_write, sha256_file
 
 from . import ncnn, srmd
 
@@ -32,19 +33,6 @@ NCNN_MAX_LEVELS = 2  # 8-bit levels; ncnn stores activations in float16
 
 class ParityError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_bytes(model) -> bytes:
@@ -180,8 +168,8 @@ def convert(out: Path, scale: int, variant: str = "srmd", noise: int = 0, check_
     if worst > ORT_ATOL:
         raise ParityError(f"x{scale}: ONNX Runtime vs PyTorch max abs diff {worst:.3g} > {ORT_ATOL}")
     record = {"variant": variant, "scale": scale, "noise": noise, "wheel": wheel.version,
-              "param": param.name, "param_sha256": _sha256(param), "bin": weights.name,
-              "bin_sha256": _sha256(weights), "pca": list(pca), "pca_source": pca_source,
+              "param": param.name, "param_sha256": sha256_file(param), "bin": weights.name,
+              "bin_sha256": sha256_file(weights), "pca": list(pca), "pca_source": pca_source,
               "parameters": sum(p.numel() for p in model.parameters()), "ort_vs_torch": checks,
               "ops": sorted({n.op_type for n in proto.graph.node}), "nodes": len(proto.graph.node),
               "onnx_bytes": len(data), "onnx_sha256": hashlib.sha256(data).hexdigest(),
@@ -205,8 +193,8 @@ def convert(out: Path, scale: int, variant: str = "srmd", noise: int = 0, check_
     record["quality"] = psnr_table(scale, sess)
     stem = f"{variant}_x{scale}"
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / f"{stem}.onnx", data)
-    _atomic_write(out / f"{stem}.md", card(stem, record).encode())
+    atomic_write(data, None, out / f"{stem}.onnx")
+    atomic_write(card(stem, record).encode(), None, out / f"{stem}.md")
     return record
 
 
@@ -323,7 +311,7 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
         sr = {s: stem for s, stem in stems.items() if s in (2, 4)}
         if sr:
-            _atomic_write(args.out / f"{args.variant}.toml", suite_text(sr).encode())
+            atomic_write(suite_text(sr).encode(), None, args.out / f"{args.variant}.toml")
             print(f"wrote {args.out}/{args.variant}.toml (attack suite with these teachers)")
     except srmd.Unavailable as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import __version__
 from ..errors import InvalidModelError, UsageError
 from ..metrics import psnr
-from ..model_io import LoadedModel, check_output_paths, load_model, save_model
+from ..model_io import LoadedModel, atomic_write, check_output_paths, load_model, save_model
 from .key import HIDDEN, ProvenanceKey, mark_weights
 from .signal import mark_signal
 
@@ -211,7 +211,6 @@ def mark_model(model_path: Path, key: ProvenanceKey, output: Path, *, target_dro
                report_path: Path | None = None) -> dict:
     """Mark ``model_path`` with ``key`` and write ``output`` (and the JSON report); returns the report."""
     from ..inputs import open_inputs
-    from ..model_io import atomic_write
 
     if target_drop is not None and target_psnr is not None:
         raise UsageError("give either --target-psnr-drop or --target-psnr, not both")
@@ -221,9 +220,7 @@ def mark_model(model_path: Path, key: ProvenanceKey, output: Path, *, target_dro
         raise UsageError(f"--target-psnr must be in (10, 120) dB, got {target_psnr}")
     loaded = load_model(model_path)
     report_path = report_path or output.with_name(output.name + ".mark.json")
-    check_output_paths(loaded, output, report_path, force)
-    if report_path.exists() and not force:
-        raise UsageError(f"{report_path} exists; pass --force to replace it")
+    check_output_paths(loaded, output, report_path, force)  # refuses an existing report without force too
     existing = read_mark_manifest(loaded.model)
     if existing is not None:
         raise UsageError(f"{model_path} already carries a provenance mark (key id "
@@ -249,6 +246,7 @@ def mark_model(model_path: Path, key: ProvenanceKey, output: Path, *, target_dro
     originals = _run_all(session, feeds, names)
 
     eps, calibrations = {}, []
+    weights = {spec.index: mark_weights(key.secret, spec.channels, spec.index) for spec in outputs}
     for spec in outputs:
         ys = [res[spec.index][0].astype(np.float64) for res in originals]
         key_truth = "truth:" + spec.name
@@ -260,7 +258,7 @@ def mark_model(model_path: Path, key: ProvenanceKey, output: Path, *, target_dro
         if truths is None and target_drop is not None:
             raise UsageError("--target-psnr-drop needs ground truth (--inputs DIR --truth DIR); without it use "
                              f"--target-psnr (marked vs original PSNR, default {DEFAULT_PSNR} dB)")
-        w1, w2 = mark_weights(key.secret, spec.channels, spec.index)
+        w1, w2 = weights[spec.index]
         g0 = [mark_signal(y[None], w1, w2)[0] for y in ys]
         if truths is not None and target_psnr is None:
             record = calibrate_eps(ys, g0, truths, target_drop or DEFAULT_DROP, "psnr_drop", crop_border)
@@ -288,16 +286,15 @@ def mark_model(model_path: Path, key: ProvenanceKey, output: Path, *, target_dro
     check = _run_all(_session(_runnable(marked, loaded)), feeds, names)
     worst = 0.0
     for spec in outputs:
-        w1, w2 = mark_weights(key.secret, spec.channels, spec.index)
+        w1, w2 = weights[spec.index]
         for res_o, res_m in zip(originals, check):
             want = res_o[spec.index] + eps[spec.index] * mark_signal(res_o[spec.index], w1, w2)
             worst = max(worst, float(np.max(np.abs(res_m[spec.index] - want))))
-    for spec in outputs:
-        others = [i for i in range(len(names)) if i not in eps]
-        for res_o, res_m in zip(originals, check):
-            for i in others:
-                if not np.array_equal(res_o[i], res_m[i]):
-                    raise InvalidModelError(f"marking changed output '{names[i]}', which it must not touch")
+    others = [i for i in range(len(names)) if i not in eps]
+    for res_o, res_m in zip(originals, check):
+        for i in others:
+            if not np.array_equal(res_o[i], res_m[i]):
+                raise InvalidModelError(f"marking changed output '{names[i]}', which it must not touch")
     if worst > 1e-4:
         raise InvalidModelError(f"the inserted mark deviates from its reference by {worst:.2e} (> 1e-4); "
                                 "nothing written")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..inputs import IMAGE_SUFFIXES, read_image
+from ..inputs import IMAGE_SUFFIXES, _to_unit, read_image, to_channels
 
 SIZE = 64
 # (probe name, skimage.data function, window position as fractions of the free range (top, left))
@@ -47,16 +47,13 @@ def _skimage_probe(func: str, where: tuple[float, float]) -> np.ndarray:
     import torch
     from torch.nn import functional as F
 
-    img = skd.stereo_motorcycle()[0] if func == "stereo_motorcycle" else getattr(skd, func)()
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    img = img[..., :3].astype(np.float32) / np.float32(255.0)
-    h, w = img.shape[:2]
+    raw = np.asarray(skd.stereo_motorcycle()[0] if func == "stereo_motorcycle" else getattr(skd, func)())
+    img = to_channels(_to_unit(raw, func), 3, func)  # (3, H, W) float32 in [0, 1], grey replicated
+    h, w = img.shape[1:]
     s = 2 * SIZE / min(h, w)
     shape = (max(SIZE, round(h * s)), max(SIZE, round(w * s)))
     with torch.no_grad():
-        t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+        t = torch.from_numpy(img)[None]
         small = F.interpolate(t, size=shape, mode="bicubic", antialias=True, align_corners=False)[0]
     small = small.numpy().transpose(1, 2, 0).astype(np.float64)
     top = int(round(where[0] * (shape[0] - SIZE)))
@@ -115,6 +112,8 @@ def probe_folder(folder: Path, count: int | None = None) -> list[tuple[str, np.n
 
 def write_probes(folder: Path, probes: list[tuple[str, np.ndarray]], force: bool = False) -> list[Path]:
     """Write probes as 8-bit PNGs (exact for the default probes); refuse to replace files without force."""
+    import io
+
     from PIL import Image
 
     from ..model_io import atomic_write
@@ -127,8 +126,6 @@ def write_probes(folder: Path, probes: list[tuple[str, np.ndarray]], force: bool
     if clash and not force:
         raise UsageError(f"{clash[0]} exists ({len(clash)} probe file(s) would be replaced); pass --force")
     folder.mkdir(parents=True, exist_ok=True)
-    import io
-
     for (name, img), path in zip(probes, targets):
         q = np.clip(np.round(img.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
