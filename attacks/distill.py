@@ -38,6 +38,12 @@ class Attacker:
     one_image: bool = False
     # after distilling, fine-tune on the thief's own ground-truth pairs for this fraction of the steps (lr/10)
     finetune_factor: float = 0.0
+    # a smaller query budget: only this fraction of the suite's queries (the first ones of the same set)
+    queries_factor: float = 1.0
+    # the thief who knows the mark's method (y' = y + eps * g_K(y), g_K a small local conv net) but not the
+    # key: before distilling it removes from the answers whatever of their error against its own ground truth
+    # a second-order polynomial of each pixel's 3x3 neighbourhood predicts, and learns from the result
+    demark: bool = False
 
 
 ATTACKERS = {
@@ -55,7 +61,12 @@ ATTACKERS = {
     "ensemble": Attacker("ensemble", ensemble=True),
     "one_image": Attacker("one_image", one_image=True),
     "finetune": Attacker("finetune", finetune_factor=0.3),
+    "jpeg": Attacker("jpeg", target_filter="jpeg"),
+    "uint8": Attacker("uint8", target_filter="uint8"),
+    "few_queries": Attacker("few_queries", queries_factor=0.125),
+    "demark": Attacker("demark", demark=True),
 }
+JPEG_QUALITY = 75  # the thief re-encodes every answer (PIL, 4:2:0), the common web default
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -86,7 +97,65 @@ def filter_targets(y: torch.Tensor, how: str | None) -> torch.Tensor:
         out[..., 1::2, 0::2] = (ll + lh - hl - hh) / 2
         out[..., 1::2, 1::2] = (ll - lh - hl + hh) / 2
         return out
+    if how == "uint8":  # answers as an 8-bit PNG-serving API would return them
+        return torch.round(torch.clamp(y, 0, 1) * 255) / 255
+    if how == "jpeg":  # re-encoded as JPEG (lossy, removes fine detail and high-frequency signals)
+        return torch.from_numpy(_jpeg(y.detach().cpu().numpy())).to(y)
     raise ValueError(f"unknown target filter {how!r}")
+
+
+def _jpeg(y: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    out = np.empty_like(y, dtype=np.float32)
+    for i, img in enumerate(np.round(np.clip(y, 0, 1) * 255).astype(np.uint8)):
+        buf = io.BytesIO()
+        Image.fromarray(np.moveaxis(img, 0, -1).squeeze()).save(buf, format="JPEG", quality=quality)
+        back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255
+        out[i] = back[None] if back.ndim == 2 else np.moveaxis(back, -1, 0)
+    return out
+
+
+DEMARK_SUPPORT = 3  # the mark's first layer: a 3x3 convolution
+
+
+def _features(y: torch.Tensor, k: int = DEMARK_SUPPORT) -> torch.Tensor:
+    """(N*H*W, F) second-order (Volterra) features of every pixel's k x k neighbourhood over all channels
+    (edge padded, like the mark): a constant, the neighbourhood, and every product of two of its values."""
+    n, c, h, w = y.shape
+    cols = F.unfold(F.pad(y, [k // 2] * 4, mode="replicate"), k)  # (N, C*k*k, H*W)
+    cols = cols.transpose(1, 2).reshape(n * h * w, c * k * k)
+    i, j = torch.triu_indices(cols.shape[1], cols.shape[1])
+    return torch.cat([torch.ones(len(cols), 1, dtype=cols.dtype), cols, cols[:, i] * cols[:, j]], 1)
+
+
+def demark_targets(answers: np.ndarray, truth: np.ndarray, ridge: float = 1e-6, chunk: int = 8) -> np.ndarray:
+    """The method-aware thief's cleaning.  It knows the mark is a key-dependent even function of each
+    output pixel's 3x3 neighbourhood (a squared tanh of a convolution: to second order a quadratic form of
+    the neighbourhood), not the key.  It fits, on its own ground-truth pairs, the second-order polynomial of
+    the 3x3 x C neighbourhood that best predicts the answers' error (least squares, normal equations in
+    float64 accumulated in chunks, a small ridge), and subtracts that prediction: whatever of the mark such a
+    polynomial captures is removed, key or no key.  Deterministic, no training loop."""
+    y = torch.from_numpy(np.ascontiguousarray(answers, np.float64))
+    t = torch.from_numpy(np.ascontiguousarray(truth, np.float64))
+    c = y.shape[1]
+    d = _features(y[:1, :, :1, :1]).shape[1]
+    xtx, xtr = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, c, dtype=torch.float64)
+    for i in range(0, len(y), chunk):
+        x = _features(y[i:i + chunk])
+        r = (t[i:i + chunk] - y[i:i + chunk]).permute(0, 2, 3, 1).reshape(-1, c)
+        xtx += x.T @ x
+        xtr += x.T @ r
+    coef = torch.linalg.solve(xtx + ridge * torch.trace(xtx) / d * torch.eye(d, dtype=torch.float64), xtr)
+    out = []
+    for i in range(0, len(y), chunk):
+        part = y[i:i + chunk]
+        n, _, h, w = part.shape
+        fix = (_features(part) @ coef).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        out.append((part + fix).numpy())
+    return np.concatenate(out).astype(np.float32)
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

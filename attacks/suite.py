@@ -26,7 +26,7 @@ from hardener.asvp import AsvpParams
 from hardener.model_io import atomic_write
 
 from . import provenance
-from .distill import ATTACKERS, evaluate, torch_predictor, train_student
+from .distill import ATTACKERS, demark_targets, evaluate, torch_predictor, train_student
 from .identity import (attacks_fingerprint, digest, environment, file_sha256, hardener_fingerprint,
                        normalized, stored_manifest, teacher_sha256)
 from .oracle import Oracle, strip_asvp
@@ -380,6 +380,12 @@ class Runner:
         queried = self.teacher_path(task, defence)  # what is served (the stripped file is the thief's copy)
         inputs, truth, answers, feats = self.answers(task, path, seed, ensemble=attacker.ensemble,
                                                      one_image=attacker.one_image)
+        if attacker.queries_factor < 1:  # a smaller budget: the first queries of the same set
+            n = max(1, int(round(len(inputs) * attacker.queries_factor)))
+            inputs, truth, answers = inputs[:n], truth[:n], answers[:n]
+            feats = {k: v[:n] for k, v in feats.items()}
+        if attacker.demark:
+            answers = demark_targets(answers, truth)
         targets = truth if attacker.ground_truth else answers
         student = build_student(attacker.student or student_name, scale, seed)
         steps = int(self.suite.steps * attacker.steps_factor)

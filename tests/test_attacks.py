@@ -288,3 +288,45 @@ def test_drop_intervals_are_paired_bootstraps_and_flag_noise():
     assert lo < 0 < hi and rows["tiny"]["within_noise"] is True
     assert rows["one"]["student_psnr_drop_ci95"] is None and rows["one"]["within_noise"] is None  # n/a
     assert paired_bootstrap([[1.0, 2.0], [3.0]]) == paired_bootstrap([[1.0, 2.0], [3.0]])  # deterministic
+
+
+def test_answer_degrading_thieves_do_what_they_say():
+    """uint8: exact 8-bit levels; jpeg: lossy but close; both keep the answers' shape and range."""
+    rng = np.random.default_rng(1)
+    y = torch.from_numpy(rng.uniform(0, 1, (2, 3, 32, 32)).astype(np.float32))
+    q = filter_targets(y, "uint8")
+    np.testing.assert_allclose(q.numpy() * 255, np.round(q.numpy() * 255), atol=1e-4)
+    assert (q - y).abs().max() <= 0.5 / 255 + 1e-6
+    smooth = torch.from_numpy(np.tile(np.linspace(0.1, 0.9, 32, dtype=np.float32), (2, 3, 32, 1)))
+    j = filter_targets(smooth + 0.03 * torch.from_numpy(rng.normal(size=smooth.shape).astype(np.float32)), "jpeg")
+    assert j.shape == smooth.shape and 0 <= j.min() and j.max() <= 1
+    assert 1e-5 < float(((j - smooth) ** 2).mean()) < 0.03 ** 2  # changed, and the noise partly removed
+
+
+def test_demark_thief_removes_a_mark_of_the_method_without_the_key():
+    """Answers = truth + eps * g0(truth) with the mark's own function and a random key's weights: the
+    method-aware thief's cleaning, fitted on the pairs themselves, removes most of it (a linear filter could
+    not: the mark is even in the local detail)."""
+    from attacks.distill import demark_targets
+    from hardener.provenance.signal import mark_signal
+
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 1, (16, 3, 3, 3))
+    w1 -= w1.mean(axis=(1, 2, 3), keepdims=True)  # zero-sum filters, like the key's
+    w2 = rng.normal(0, 0.25, (3, 16))
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(16, 3, 36, 36, generator=torch.Generator().manual_seed(5)),
+                                            3, 1).numpy()
+    answers = smooth + 0.02 * mark_signal(smooth, w1, w2).astype(np.float32)
+    cleaned = demark_targets(answers, smooth)
+    before = float(np.mean((answers - smooth) ** 2))
+    after = float(np.mean((cleaned - smooth) ** 2))
+    assert after < 0.2 * before, (before, after)
+
+
+def test_small_budget_thief_trains_on_a_subset(tmp_path):
+    from attacks.suite import Defence, Runner, Suite
+
+    suite = Suite(defences=[Defence("none")], attackers=["few_queries"], students=["tiny"], queries=16, patch=32,
+                  steps=10, eval_size=32)
+    result = Runner(suite, tmp_path, progress=False).run_one("sr2", suite.defences[0], "few_queries", "tiny", 0)
+    assert result["queries"] == 2 and np.isfinite(result["student_metrics"]["psnr"])

@@ -73,3 +73,17 @@ def test_cuda_graph_needs_cuda(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--cuda-graph needs --providers cuda" in proc.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_quick_mark_benchmark_writes_ratios(tmp_path):
+    out = tmp_path / "mark.json"
+    script = SCRIPT.with_name("bench_mark.py")
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["model"] == "teacher" and row["size"] == 64 and row["eps"] > 0
+    assert row["original_ms"] > 0 and row["marked_ms"] > 0 and row["ratio_p90"] >= row["ratio_median"] > 0
+    # the mark on a 3-channel 128^2 output: (9*3*16 + 16*3) MACs per pixel, a small share of the teacher's
+    assert row["mark_macs"] == 128 * 128 * (9 * 3 * 16 + 16 * 3) and 1 < row["flop_floor"] < 1.2
+    assert "marked/original" in proc.stdout.splitlines()[0]
