@@ -21,8 +21,9 @@ motorcycle_left), synthetic images (colorwheel, logo, ...) and every image needi
 Preprocessing: uint8 -> float32 in [0, 1]; if the longer side exceeds ``max_side`` the photo is
 downscaled with ``torch.nn.functional.interpolate(mode="bicubic", antialias=True,
 align_corners=False)`` (the same antialiased bicubic filter as the SR degradation; much faster than
-``skimage.transform.resize``) to ``round(side * max_side / longer_side)`` and clamped to [0, 1]; then height and width are cropped (top-left kept, as the
-teacher's ``even_crop``) to multiples of 4 so that x2 and x4 super-resolution pairs are aligned.
+``skimage.transform.resize``) to ``round(side * max_side / longer_side)`` and clamped to [0, 1]; then
+height and width are cropped (top-left kept, :func:`crop_to_multiple`) to multiples of 4 so that x2 and
+x4 super-resolution pairs are aligned.
 """
 from __future__ import annotations
 
@@ -79,6 +80,22 @@ def split_names(split: str) -> list[str]:
     return [name for src, names in SPLIT[split].items() if present[src] for name in names]
 
 
+def photo_uint8(name: str) -> np.ndarray:
+    """One photo of :data:`SPLIT` by name, HxWx3 uint8 RGB at full resolution (no downscale, no crop); the
+    bundled x2 teacher is trained on these (``scripts/train_teacher.py``)."""
+    for names in SPLIT.values():
+        for src, listed in names.items():
+            if name in listed:
+                return _load_uint8(src, name)
+    raise ValueError(f"unknown photo {name!r}; expected one of {', '.join(n for s in SPLIT for n in split_names(s))}")
+
+
+def crop_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
+    """The top-left part of an HxW(xC) image whose sides are multiples of ``multiple``."""
+    h, w = img.shape[:2]
+    return img[: h - h % multiple, : w - w % multiple]
+
+
 def _load_uint8(source: str, name: str) -> np.ndarray:
     """One photo as HxWx3 uint8 RGB."""
     if source == "skimage":
@@ -132,8 +149,7 @@ def _prepare(img: np.ndarray, max_side: int) -> np.ndarray:
             t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
             t = F.interpolate(t, size=shape, mode="bicubic", antialias=True, align_corners=False)
         x = np.clip(t[0].numpy().transpose(1, 2, 0), 0.0, 1.0).astype(np.float32)
-    h, w = x.shape[:2]
-    x = x[: h - h % 4, : w - w % 4]
+    x = crop_to_multiple(x, 4)
     if x.shape[0] < 4 or x.shape[1] < 4:
         raise ValueError(f"photo too small after max_side={max_side}: {img.shape}")
     x = np.ascontiguousarray(x)

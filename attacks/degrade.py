@@ -34,7 +34,9 @@ def _finish(x: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- super-resolution
-def _bicubic_down(hr: np.ndarray, scale: int) -> np.ndarray:
+def bicubic_down(hr: np.ndarray, scale: int) -> np.ndarray:
+    """The SR degradation: ``round(255 * clamp(F.interpolate(hr, scale_factor=1/scale, mode="bicubic",
+    antialias=True, align_corners=False), 0, 1)) / 255`` (what an LR PNG stores)."""
     hr = _check(hr)
     if hr.shape[-2] % scale or hr.shape[-1] % scale:
         raise ValueError(f"H and W must be multiples of {scale}, got {hr.shape}")
@@ -45,14 +47,24 @@ def _bicubic_down(hr: np.ndarray, scale: int) -> np.ndarray:
     return lr.numpy().astype(np.float32, copy=False)
 
 
+def input_baseline(x: np.ndarray, scale: int) -> np.ndarray:
+    """What the degraded input alone gives at the target size: bicubic x``scale`` upsampling
+    (``align_corners=False``, not clamped) for SR, the input itself for same-size tasks (scale 1)."""
+    if scale == 1:
+        return x
+    with torch.no_grad():
+        return F.interpolate(torch.from_numpy(np.ascontiguousarray(x)), scale_factor=scale, mode="bicubic",
+                             align_corners=False).numpy()
+
+
 def sr2(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """x2 bicubic antialiased downscale, clamp, 8-bit quantize (TEACHER.md's degradation). ``rng`` unused."""
-    return _bicubic_down(hr, 2)
+    return bicubic_down(hr, 2)
 
 
 def sr4(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """x4 bicubic antialiased downscale, clamp, 8-bit quantize. ``rng`` unused."""
-    return _bicubic_down(hr, 4)
+    return bicubic_down(hr, 4)
 
 
 # --------------------------------------------------------------------------- denoising
@@ -265,7 +277,8 @@ def make_pairs(task: str, photos: Photos, hr_size: int, count: int, seed: int) -
     return t.degrade(targets, rng), targets
 
 
-def _centre_crop(img: np.ndarray, size: int, multiple: int) -> np.ndarray:
+def centre_crop(img: np.ndarray, size: int, multiple: int) -> np.ndarray:
+    """The centre ``min(size, side)`` crop of an HxW(xC) image, sides rounded down to multiples of ``multiple``."""
     h, w = img.shape[:2]
     ch = min(size, h) // multiple * multiple
     cw = min(size, w) // multiple * multiple
@@ -282,7 +295,7 @@ def eval_set(task: str, split: str = "test", hr_size: int = 128, seed: int = 0
     t = _task(task)
     out = []
     for name, img in load_photos(split):
-        hr = np.ascontiguousarray(_centre_crop(img, hr_size, t.scale).transpose(2, 0, 1)[None], dtype=np.float32)
+        hr = np.ascontiguousarray(centre_crop(img, hr_size, t.scale).transpose(2, 0, 1)[None], dtype=np.float32)
         rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
         out.append((name, t.degrade(hr, rng), hr))
     return out

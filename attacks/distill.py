@@ -56,6 +56,8 @@ ATTACKERS = {
     "large": Attacker("large", student="edsr_large"),
     "strip": Attacker("strip", strip=True),
     "strip_blind": Attacker("strip_blind", strip=True, strip_by="structure"),
+    # hints from the teacher's tapped features; the weight is tuned by the thief (tune_feature_weight) among
+    # 0, feature_weight / 10 and feature_weight on a held-out tenth of its own queries
     "features": Attacker("features", feature_weight=0.1),
     "ground_truth": Attacker("ground_truth", ground_truth=True),
     "ensemble": Attacker("ensemble", ensemble=True),
@@ -168,6 +170,50 @@ def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown loss {kind!r}")
 
 
+class FeatureHints:
+    """FitNets-style hints for the feature thief (``tap`` placement exposes the teacher's features).
+
+    Teacher taps and student layers are matched one to one in depth order: the teacher's j-th of T tapped
+    ``body.N.conv2`` outputs is regressed from the student's ``body[i].conv2`` output, i = round((j + 1) B / T)
+    - 1 for a student of B blocks (with B = T, block j to block j; a one-block student serves every tap from
+    its one block).  Each teacher feature is standardised per channel over the query set, so the loss (the
+    mean over taps of the MSE between a 1x1 adapter of the student feature and the standardised teacher
+    feature) starts near 1 whatever the features' scale, and one weight means the same on every teacher."""
+
+    def __init__(self, student: nn.Module, features: dict[str, np.ndarray]):
+        blocks = getattr(getattr(student, "body", None), "__len__", None)
+        if blocks is None or not all(hasattr(b, "conv2") for b in student.body):
+            raise ValueError("the feature thief needs a residual student (body[i].conv2 layers)")
+        names = sorted(features, key=_depth)
+        b, t = len(student.body), len(names)
+        self.pairs = [(name, max(0, round((j + 1) * b / t) - 1)) for j, name in enumerate(names)]
+        self.targets, self.adapters, self.captured = {}, nn.ModuleDict(), {}
+        for j, (name, i) in enumerate(self.pairs):
+            f = torch.from_numpy(np.ascontiguousarray(features[name], np.float32))
+            mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+            self.targets[str(j)] = (f - mean) / std
+            self.adapters[str(j)] = nn.Conv2d(student.body[i].conv2.out_channels, f.shape[1], 1)
+        self.hooks = [student.body[i].conv2.register_forward_hook(
+            lambda m, inp, out, i=i: self.captured.__setitem__(i, out)) for i in sorted({i for _, i in self.pairs})]
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        terms = [F.mse_loss(self.adapters[str(j)](self.captured[i]), self.targets[str(j)][idx])
+                 for j, (_, i) in enumerate(self.pairs)]
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.captured.clear()
+
+
+def _depth(name: str) -> tuple:
+    """Sort key: tap names in the order of the blocks they come from (body.2 before body.10)."""
+    import re
+
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
 def train_student(
     student: nn.Module,
     inputs: np.ndarray,
@@ -188,26 +234,18 @@ def train_student(
     x_all = torch.from_numpy(np.ascontiguousarray(inputs, np.float32))
     with torch.no_grad():
         y_all = filter_targets(torch.from_numpy(np.ascontiguousarray(targets, np.float32)), target_filter)
-    adapters = nn.ModuleDict()
-    feat_all = {}
-    if features and feature_weight > 0:
-        c_student = student.head.out_channels
-        for i, (name, arr) in enumerate(sorted(features.items())):
-            adapters[str(i)] = nn.Conv2d(c_student, arr.shape[1], 1)
-            feat_all[str(i)] = torch.from_numpy(np.ascontiguousarray(arr, np.float32))
-    opt = torch.optim.Adam(list(student.parameters()) + list(adapters.parameters()), lr=lr, betas=(0.9, 0.99))
+    hints = FeatureHints(student, features) if features and feature_weight > 0 else None
+    params = list(student.parameters()) + (list(hints.adapters.parameters()) if hints else [])
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.01)
-    captured = {}
-    hook = student.body.register_forward_hook(lambda m, i, o: captured.__setitem__("body", o)) \
-        if feat_all else None
     curve = []
     student.train()
     for step in range(steps):
         idx = torch.randint(0, len(x_all), (min(batch, len(x_all)),), generator=g)
         pred = student(x_all[idx])
         value = _loss(pred, y_all[idx], loss)
-        for key, adapter in adapters.items():
-            value = value + feature_weight * F.l1_loss(adapter(captured["body"]), feat_all[key][idx])
+        if hints is not None:  # the hint weight decays linearly to 0: the last steps fit the outputs alone
+            value = value + feature_weight * (1 - step / steps) * hints.loss(idx)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -216,10 +254,36 @@ def train_student(
             curve.append(value.item())
         if progress is not None:
             progress.update(1)
-    if hook is not None:
-        hook.remove()
+    if hints is not None:
+        hints.remove()
     student.eval()
     return curve
+
+
+HOLDOUT = 0.1  # share of the thief's queries it keeps back to choose the hint weight
+
+
+def tune_feature_weight(student: nn.Module, inputs: np.ndarray, targets: np.ndarray,
+                        features: dict[str, np.ndarray], candidates: tuple[float, ...], *, steps: int,
+                        seed: int = 0, progress=None, **kw) -> tuple[float, dict[float, float]]:
+    """The feature thief's choice of hint weight, made as a thief can: a copy of ``student`` (same
+    initial weights) is trained with each candidate weight on the first 90 % of the queries, and the weight
+    whose student best matches the teacher's answers on the held-out 10 % (L1) wins.  0 is always a
+    candidate, so a thief whose hints do not help falls back to plain distillation.  Returns (weight,
+    {weight: held-out L1})."""
+    import copy
+
+    n = len(inputs)
+    cut = max(1, min(n - 1, int(round(n * (1 - HOLDOUT)))))
+    scores = {}
+    for w in sorted(set((0.0, *candidates))):
+        trial = copy.deepcopy(student)
+        train_student(trial, inputs[:cut], targets[:cut], steps=steps, seed=seed, progress=progress,
+                      features={k: v[:cut] for k, v in features.items()}, feature_weight=w, **kw)
+        with torch.no_grad():
+            pred = trial(torch.from_numpy(np.ascontiguousarray(inputs[cut:], np.float32)))
+        scores[w] = float(F.l1_loss(pred, torch.from_numpy(np.ascontiguousarray(targets[cut:], np.float32))))
+    return min(scores, key=lambda w: (scores[w], w)), scores
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ def suite_data(suite) -> dict:
 
 
 def suite_from_data(data: dict):
-    from .suite import Defence, Suite
+    from .config import Defence, Suite
 
     return Suite(**{**data, "defences": [Defence(**d) for d in data["defences"]]})
 
@@ -86,7 +86,7 @@ def set_threads(threads: int | None) -> None:
 
 def _runner(data: dict, out: str):
     from .identity import canonical
-    from .suite import Runner
+    from .runner import Runner
 
     key = (canonical(data), out)
     if key not in _RUNNER:
@@ -417,10 +417,10 @@ class Progress:
         self.stream.flush()
 
     def steps(self, key: str) -> str:
-        """"step n/total" of a run in flight, from the file its worker writes (attacks.suite.StepCounter)."""
+        """"step n/total" of a run in flight, from the file its worker writes (attacks.runner.StepCounter)."""
         if self.out is None:
             return ""
-        from .suite import step_file
+        from .runner import step_file
 
         try:
             return "step " + step_file(self.out, key).read_text().strip()
@@ -474,11 +474,11 @@ class Progress:
 def run_jobs(runner, executor: Executor, plan: list, todo: list, progress: Progress | None = None) -> list[Outcome]:
     """``Runner.run_all``'s executor path: the runs in ``todo`` (items of ``runner.identified_plan()``) as
     tasks; returns their outcomes, or raises :class:`RunsFailed` once every other run has finished."""
-    from .suite import run_key
+    from .runner import run_key
 
     def stem(item, run_id):
         task, defence, attacker, student, seed = item
-        from .suite import ID_CHARS
+        from .runner import ID_CHARS
 
         return f"{run_key(task, defence.name, attacker, student, seed)}__{run_id[:ID_CHARS]}"
 

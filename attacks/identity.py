@@ -10,9 +10,10 @@ for is never reused.  Pieces:
   from an installed package and blind to uncommitted edits; hashing the code that runs is exact, works from an
   installed wheel, and invalidates on any edit (a comment edit too: conservative, never wrong);
 * the attack code: the same over the modules of ``attacks`` that compute a run (photos, degradations,
-  students, distillation, the oracle, the provenance marks and verdicts), plus ``RUN_FORMAT`` (bump it when
-  ``Runner.run_one`` changes what it computes); report and plotting code is left out, so redrawing a report
-  never reruns anything (except ``provenance.py``'s table code, which shares the module with the verdict);
+  students, distillation, the oracle, the provenance marks and verdicts, and the runner itself), plus
+  ``RUN_FORMAT`` (bump it when a run's file format or meaning changes); report and plotting code is left
+  out, so redrawing a report never reruns anything (except ``provenance.py``'s table code, which shares the
+  module with the verdict);
 * the libraries whose numerics a run depends on (torch, onnxruntime, numpy, scikit-image, and spandrel for
   its students).
 """
@@ -24,9 +25,10 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-RUN_FORMAT = 4  # bump when Runner.run_one computes something different from the same configuration
-# the attacks modules whose code determines a run's numbers (not suite.py's report, not plots.py, not cli.py)
-RUN_MODULES = ("data.py", "degrade.py", "distill.py", "oracle.py", "provenance.py", "students.py")
+RUN_FORMAT = 4  # bump when a run's file format or meaning changes (its code is hashed: RUN_MODULES)
+# the attacks modules whose code determines a run's numbers: runner.py (what a run computes), not config.py
+# (a run stores every setting it uses), report.py, plots.py, suite.py (re-exports) or cli.py
+RUN_MODULES = ("data.py", "degrade.py", "distill.py", "oracle.py", "provenance.py", "runner.py", "students.py")
 LIBRARIES = ("torch", "onnxruntime", "numpy", "scikit-image")
 
 

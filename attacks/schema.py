@@ -78,7 +78,7 @@ def _defaults(cls) -> dict[str, Any]:
 @lru_cache(maxsize=None)
 def build_models():
     """The pydantic models of a suite file and of a ``[[defences]]`` entry."""
-    from .suite import Defence, Suite
+    from .config import Defence, Suite
 
     d, s = _defaults(Defence), _defaults(Suite)
 
@@ -166,7 +166,7 @@ def _describe(field) -> str:
         return text + "; required"
     default = field.get_default(call_default_factory=True)
     if default is None and text.endswith("[[defences]] entries"):
-        from .suite import Suite
+        from .config import Suite
 
         return text + "; default: " + ", ".join(f"{d.name!r}" for d in Suite().defences)
     return text + ("; optional" if default is None else f"; default {default!r}")
@@ -282,7 +282,7 @@ def runs_against(defence, attacker: str) -> bool:
 
 
 def teacher_file(suite, task: str) -> Path:
-    from .suite import BUNDLED
+    from .config import BUNDLED
 
     return Path(suite.teachers.get(task) or BUNDLED.get(task) or "")
 

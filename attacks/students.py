@@ -1,7 +1,10 @@
-"""Student architectures the thief distills into (PyTorch).
+"""Student architectures the thief distills into (PyTorch), and the network of every bundled teacher.
 
-All are residual restoration CNNs with a global skip (bicubic upsampling for SR, identity otherwise), so
-they learn a correction, like most real restoration networks:
+:class:`ResidualRestorer` is the one residual restoration CNN of the project: the ``tiny``/``edsr``/
+``edsr_large`` students and the bundled teachers (``hardener/assets/sr_x2.onnx`` and
+``attacks/teachers/*.onnx``, trained by ``scripts/train_teacher.py`` and ``scripts/train_task_teacher.py``:
+32 channels, 4 blocks) are instances of it.  Its global skip (bicubic upsampling for SR, identity otherwise)
+makes it learn a correction, like most real restoration networks:
 
 | name        | channels | blocks | parameters (x2) | role                               |
 | ----------- | -------: | -----: | --------------: | ---------------------------------- |
@@ -46,7 +49,12 @@ from torch.nn import functional as F
 STUDENTS = {"tiny": (16, 1), "edsr": (32, 4), "edsr_large": (48, 8)}
 
 
-class _Block(nn.Module):
+INITS = ("zero_tail", "damped")
+
+
+class ResBlock(nn.Module):
+    """``x + conv2(act(conv1(x)))``, 3x3 convolutions, ReLU."""
+
     def __init__(self, c: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c, c, 3, padding=1)
@@ -58,24 +66,46 @@ class _Block(nn.Module):
 
 
 class ResidualRestorer(nn.Module):
-    """head -> body (residual blocks, with a long skip) -> tail (-> PixelShuffle) + skip of the input."""
+    """``y = up(tail(body(f) + f)) + skip(x)``, ``f = head(x)``.
 
-    def __init__(self, channels: int, blocks: int, scale: int):
+    Module paths (the ONNX name scopes and ``state_dict`` keys the layer selectors resolve): ``head`` Conv
+    3->C, ``body.{i}.{conv1,act,conv2}`` (``blocks`` residual blocks), ``tail`` Conv C->3*scale^2, ``up``
+    PixelShuffle(scale) (Identity for scale 1).  ``skip`` is bicubic x``scale`` upsampling
+    (``align_corners=False``) for SR and the input itself otherwise.  The output is not clamped.
+
+    Both initialisations start near the skip path and learn a correction, after PyTorch's default
+    initialisation (the same random draws either way): ``"zero_tail"`` (students) zeroes ``tail`` so the
+    network starts as the skip exactly; ``"damped"`` (the bundled teachers) scales ``tail`` and every block's
+    ``conv2`` weights by 0.1 and zeroes their biases."""
+
+    def __init__(self, channels: int = 32, blocks: int = 4, scale: int = 2, init: str = "zero_tail"):
         super().__init__()
-        self.scale = scale
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.scale = int(scale)
         self.head = nn.Conv2d(3, channels, 3, padding=1)
-        self.body = nn.Sequential(*[_Block(channels) for _ in range(blocks)])
-        self.tail = nn.Conv2d(channels, 3 * scale * scale, 3, padding=1)
-        self.up = nn.PixelShuffle(scale) if scale > 1 else nn.Identity()
-        nn.init.zeros_(self.tail.weight)  # start as the skip path (bicubic / identity), learn a correction
-        nn.init.zeros_(self.tail.bias)
+        self.body = nn.Sequential(*[ResBlock(channels) for _ in range(blocks)])
+        self.tail = nn.Conv2d(channels, 3 * self.scale * self.scale, 3, padding=1)
+        self.up = nn.PixelShuffle(self.scale) if self.scale > 1 else nn.Identity()
+        with torch.no_grad():
+            if init == "zero_tail":
+                self.tail.weight.zero_()
+            else:
+                self.tail.weight.mul_(0.1)
+                for block in self.body:
+                    block.conv2.weight.mul_(0.1)
+                    block.conv2.bias.zero_()
+            self.tail.bias.zero_()
+
+    def skip(self, x):
+        """The input brought to the output size: bicubic upsampling for SR, the input itself otherwise."""
+        if self.scale > 1:
+            return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return x
 
     def forward(self, x):
         f = self.head(x)
-        y = self.up(self.tail(self.body(f) + f))
-        base = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False) \
-            if self.scale > 1 else x
-        return y + base
+        return self.up(self.tail(self.body(f) + f)) + self.skip(x)
 
 
 SPANDREL_STUDENTS = ("spandrel:SPAN", "spandrel:ESRGAN", "spandrel:SwinIR", "spandrel:NAFNet")

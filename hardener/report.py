@@ -117,6 +117,8 @@ def summary(report: dict) -> str:
                 parts.append(f"vs truth {_db(o['psnr_original_vs_truth'])} -> "
                              f"{_db(o['psnr_hardened_vs_truth'])} dB (drop {_num(o['psnr_drop_vs_truth'], '.3f')})")
             lines.append(f"  output {P(name)}: " + "; ".join(parts))
+            if isinstance(o.get("rate"), dict):
+                lines.append("  " + _rate_text(o["rate"], name))
         for layer in v["layers"]:
             check = f"; check {P(str(layer['check']), 400)}" if layer.get("check") is not None else ""
             if "reference_rel_error" not in layer:
@@ -140,6 +142,14 @@ def summary(report: dict) -> str:
         status, tail = "PASSED", f"{n} layer(s) hardened, budgets met"
     lines.append(f"{status} | {tail}")
     return "\n".join(lines)
+
+
+def _rate_text(r: dict, name: str) -> str:
+    """'rate: bpp 0.3120 -> 0.3185 (+2.08 %), mean over 6 images (output bpp)'."""
+    change = r.get("change_rel")
+    pct = f"{100 * change:+.2f} %" if isinstance(change, (int, float)) and math.isfinite(change) else "n/a"
+    return (f"rate: bpp {_num(r.get('original_mean'), '.4f')} -> {_num(r.get('hardened_mean'), '.4f')} ({pct}), "
+            f"mean over {_num(r.get('values'))} image(s) (output {printable(name)})")
 
 
 def _num(value, fmt: str = ".3g") -> str:

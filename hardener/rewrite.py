@@ -42,7 +42,10 @@ TAP_PREFIX = "asvp/"
 # Producers a tap duplicates so that the original keeps its single consumer (and its fusions).
 TAP_DUPLICATED_OPS = ("Conv",)
 _PREFIX_INDEX = re.compile(re.escape(NODE_PREFIX) + r"_(\d+)/")
-_ABS_DIR = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\s\"'\\/<>:]+)+[\\/](?=[^\s\"'\\/<>]+)")
+# An absolute directory prefix: POSIX ("/a/b/"), home ("~/a/"), Windows ("C:\a\b\", "C:/a/", "\a\", UNC
+# "\\srv\share\"); at least one directory, with or without a file name after it.  Not a relative path ("a/b/",
+# "./a/", "../a/").
+_ABS_DIR = re.compile(r"""(?<![\w.~])(?:[A-Za-z]:[\\/]|~[\\/]|[\\/]{1,2})(?:[^\s"'<>:\\/]+[\\/])+""")
 
 
 @dataclass
@@ -62,6 +65,50 @@ class Insertion:
 def scrub_paths(text: str) -> str:
     """Drop absolute directory prefixes, keep file base names: '/home/a/x.py' -> 'x.py'."""
     return _ABS_DIR.sub("", text)
+
+
+def absolute_dirs(text: str) -> list[str]:
+    """The absolute directory prefixes :func:`scrub_paths` would drop from ``text``."""
+    return _ABS_DIR.findall(text)
+
+
+def scrub_model(model: onnx.ModelProto) -> int:
+    """:func:`scrub_paths` on every text of ``model`` in place: node metadata and doc strings (subgraphs and
+    functions included), graph and model metadata and doc strings.  Returns how many node metadata values
+    changed."""
+    changed = _scrub_graph(model.graph)
+    for function in model.functions:
+        changed += _scrub_nodes(function.node)
+    _scrub_texts(model)
+    return changed
+
+
+def _scrub_texts(holder) -> int:
+    """Scrub ``holder.metadata_props`` and ``holder.doc_string``; the number of metadata values changed."""
+    changed = 0
+    for prop in holder.metadata_props:
+        new = scrub_paths(prop.value)
+        changed += new != prop.value
+        prop.value = new
+    if holder.doc_string:  # not set when empty: an empty field would still be serialized
+        holder.doc_string = scrub_paths(holder.doc_string)
+    return changed
+
+
+def _scrub_nodes(nodes) -> int:
+    changed = 0
+    for node in nodes:
+        changed += _scrub_texts(node)
+        for attr in node.attribute:
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                changed += _scrub_graph(graph)
+    return changed
+
+
+def _scrub_graph(graph) -> int:
+    changed = _scrub_nodes(graph.node)
+    _scrub_texts(graph)
+    return changed
 
 
 def insert_asvp(

@@ -330,3 +330,20 @@ def test_small_budget_thief_trains_on_a_subset(tmp_path):
                   steps=10, eval_size=32)
     result = Runner(suite, tmp_path, progress=False).run_one("sr2", suite.defences[0], "few_queries", "tiny", 0)
     assert result["queries"] == 2 and np.isfinite(result["student_metrics"]["psnr"])
+
+
+def test_feature_thief_tunes_its_hint_weight_on_held_out_queries():
+    """Hints from features that are pure noise, at a weight that swamps the output loss, lose on the held-out
+    queries: the thief falls back to a small or zero weight; the student passed in is left untouched."""
+    from attacks.distill import tune_feature_weight
+    from attacks.students import build_student
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (40, 3, 16, 16)).astype(np.float32)
+    y = np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
+    noise = {f"tap/body.{i}.conv2": rng.normal(0, 1, (40, 16, 16, 16)).astype(np.float32) for i in range(2)}
+    student = build_student("tiny", 2, 0)
+    before = [p.detach().clone() for p in student.parameters()]
+    w, scores = tune_feature_weight(student, x, y, noise, (1000.0,), steps=40, seed=0)
+    assert set(scores) == {0.0, 1000.0} and w == 0.0 and scores[0.0] < scores[1000.0]
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))

@@ -131,10 +131,10 @@ def test_run_identity_covers_what_determines_a_run(tmp_path, monkeypatch):
     model.metadata_props.add(key="note", value="a different file")
     onnx.save(model, str(other))
     changed["teacher file"] = key(suite=replace(tiny_suite(), teachers={"sr2": str(other)}))
-    monkeypatch.setattr("attacks.suite.hardener_fingerprint", lambda: {"version": "0.1.0", "source_sha256": "0" * 64})
+    monkeypatch.setattr("attacks.runner.hardener_fingerprint", lambda: {"version": "0.1.0", "source_sha256": "0" * 64})
     changed["hardener code"] = key()
     monkeypatch.undo()
-    monkeypatch.setattr("attacks.suite.attacks_fingerprint", lambda: {"run_format": 3, "source_sha256": "1" * 64})
+    monkeypatch.setattr("attacks.runner.attacks_fingerprint", lambda: {"run_format": 3, "source_sha256": "1" * 64})
     changed["attack code"] = key()
     monkeypatch.undo()
     assert {k for k, v in changed.items() if v == base} == set()
@@ -232,7 +232,9 @@ def test_packaged_suites_resolve_by_name_and_validate():
             with pytest.raises(SuiteError, match=r"students\[0\] = 'spandrel:SwinIR': spandrel students need"):
                 Suite.load(resolve_suite(name))
             continue
-        Suite.load(resolve_suite(name))
+        suite = Suite.load(resolve_suite(name))
+        # the README's rule for published numbers: a spread over at least 3 seeds in every shipped suite
+        assert len(set(suite.seeds)) >= 3, name
     Suite().check()  # the built-in default and quick profiles meet the schema too
     Suite.quick().check()
     result = CliRunner().invoke(main, ["run", "no_such_suite"])

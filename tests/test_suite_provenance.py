@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from attacks import provenance
-from attacks import suite as suite_mod
+from attacks import runner as runner_mod
 from attacks.oracle import Oracle
 from attacks.schema import SuiteError
 from attacks.suite import Defence, Runner, Suite, summarize, write_report
@@ -47,7 +47,7 @@ def finished(tmp_path_factory):
     proxy = types.SimpleNamespace(**{k: getattr(provenance, k) for k in dir(provenance) if not k.startswith("__")})
     proxy.verdict = spy  # only the suite's per-student calls go through the spy
     mp = pytest.MonkeyPatch()
-    mp.setattr(suite_mod, "provenance", proxy)
+    mp.setattr(runner_mod, "provenance", proxy)
     try:
         runner = Runner(Suite(defences=defences(), **TINY), out, progress=False)
         results = runner.run_all()

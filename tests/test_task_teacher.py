@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from attacks.degrade import TASKS, eval_set
+from attacks.degrade import TASKS, eval_set, input_baseline
 from hardener.layers import LayerIndex
 from hardener.metrics import psnr
 
@@ -54,8 +54,7 @@ def test_teacher_structure_shapes_and_quality(path: Path):
     inp, out = [], []
     for _name, x, truth in eval_set(task, "test", hr_size=64):
         (y,) = sess.run(["y"], {"x": x})
-        base = torch.nn.functional.interpolate(torch.from_numpy(x), scale_factor=scale, mode="bicubic",
-                                               align_corners=False).numpy() if scale > 1 else x
+        base = input_baseline(x, scale)
         inp.append(psnr(base[0], truth[0], crop_border=scale))
         out.append(psnr(y[0], truth[0], crop_border=scale))
     assert np.mean(out) > np.mean(inp), (np.mean(out), np.mean(inp))

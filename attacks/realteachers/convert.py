@@ -84,35 +84,30 @@ SAMPLES = ("astronaut", "chelsea", "coffee", "rocket")
 
 def eval_pairs(scale: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(LR, HR) float batches from the bundled photos: x2 = the bundled LR/HR pairs; otherwise HR degraded
-    by :func:`attacks.degrade._bicubic_down` (bicubic antialiased, 8-bit), the suite's SR degradation."""
+    by :func:`attacks.degrade.bicubic_down` (bicubic antialiased, 8-bit), the suite's SR degradation."""
     hr = np.stack([_photo(n, "hr") for n in SAMPLES])
     if scale == 2:
         return np.stack([_photo(n, "lr") for n in SAMPLES]), hr, "bundled LR/HR pairs (hardener/assets/samples)"
-    from attacks.degrade import _bicubic_down
+    from attacks.degrade import bicubic_down
 
-    return _bicubic_down(hr, scale), hr, f"bundled HR, LR = attacks.degrade x{scale} (bicubic antialiased, 8-bit)"
-
-
-def bicubic(lr: np.ndarray, scale: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    with torch.no_grad():
-        return F.interpolate(torch.from_numpy(lr), scale_factor=scale, mode="bicubic",
-                             align_corners=False).numpy()
+    return bicubic_down(hr, scale), hr, f"bundled HR, LR = attacks.degrade x{scale} (bicubic antialiased, 8-bit)"
 
 
 def psnr_table(scale: int, sess) -> dict:
-    from hardener.metrics import psnr
+    """PSNR per bundled photo and mean (:mod:`hardener.metrics`, RGB, ``crop_border = scale``) of bicubic
+    upsampling, the converted model and the self-trained teacher of that scale."""
+    from attacks.degrade import input_baseline
+    from hardener.metrics import Conventions, psnr
 
+    conventions = Conventions(crop_border=scale)
     lr, hr, data = eval_pairs(scale)
-    rows = {"bicubic": bicubic(lr, scale), "srmd": _run(sess, lr)}
+    rows = {"bicubic": input_baseline(lr, scale), "srmd": _run(sess, lr)}
     bundled = {2: Path(str(resources.files("hardener") / "assets" / "sr_x2.onnx")),
                4: Path(str(resources.files("attacks") / "teachers" / "sr4.onnx"))}.get(scale)
     if bundled is not None and bundled.is_file():
         rows[f"self-trained ({bundled.name})"] = _run(_session(bundled.read_bytes()), lr)
-    table = {k: [psnr(o, h, crop_border=scale) for o, h in zip(out, hr)] for k, out in rows.items()}
-    return {"data": data, "images": list(SAMPLES), "psnr": table,
+    table = {k: [psnr(o, h, conventions=conventions) for o, h in zip(out, hr)] for k, out in rows.items()}
+    return {"data": data, "images": list(SAMPLES), "psnr": table, "conventions": conventions.describe(),
             "mean": {k: float(np.mean(v)) for k, v in table.items()}}
 
 
@@ -234,7 +229,7 @@ def card(stem: str, r: dict) -> str:
                   "gives 255).", ""]
     else:
         lines += [f"ncnn runtime parity not run: {r.get('ncnn_skipped', 'disabled')}", ""]
-    lines += ["## Quality", "", f"{q['data']}; PSNR (dB, RGB, `crop_border={r['scale']}`, hardener.metrics).", "",
+    lines += ["## Quality", "", f"{q['data']}; PSNR in dB ({q['conventions']}; hardener.metrics).", "",
               "| model | " + " | ".join(q["images"]) + " | mean |", "|---|" + "---:|" * (len(q["images"]) + 1)]
     for k, v in q["psnr"].items():
         lines.append(f"| {k} | " + " | ".join(f"{x:.2f}" for x in v) + f" | {q['mean'][k]:.2f} |")
