@@ -57,7 +57,16 @@ class Suite:
     patch: int = 64  # HR patch side
     steps: int = 600
     batch: int = 16
-    eval_size: int = 128
+    # evaluation photos: the centre crop of at most eval_size pixels (HR side); 512 = whole photos (the loader
+    # caps the longer side at 512)
+    eval_size: int = 512
+    # metric conventions (hardener.metrics.Conventions): RGB or BT.601 Y, and optional 8-bit rounding of the
+    # outputs; the crop border is the scale for SR and 0 for same-size tasks
+    metric_channel: str = "rgb"
+    metric_rounding: str = "none"
+    # where the thief's queries come from: "shared" = the teachers' training photos, "disjoint" = photos no
+    # teacher was trained on (attacks.data split "disjoint"); the evaluation photos are the same in both
+    protocol: str = "shared"
     provenance_probes: int = 16  # default probe photos each student's provenance statistic runs on
     provenance_null_keys: int = 256  # public null keys of that statistic
 

@@ -48,6 +48,10 @@ SPLIT: dict[str, dict[str, tuple[str, ...]]] = {
         "matplotlib": ("grace_hopper",),
         "sklearn": ("flower",),
     },
+    # the attack suite's evaluation photos (both protocols) and the "disjoint" protocol's query photos: the
+    # test photos split in two, so that the thief can query photos no teacher was trained on
+    "eval": {"skimage": TEACHER_TEST},
+    "disjoint": {"matplotlib": ("grace_hopper",), "sklearn": ("flower",)},
     "train": {
         "skimage": SKIMAGE_TRAIN_COLOR + SKIMAGE_TRAIN_GREY,
         "sklearn": ("china",),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hardener.metrics import psnr, ssim
+from hardener.metrics import Conventions, psnr, ssim
 
 
 @dataclass(frozen=True)
@@ -287,13 +287,14 @@ def tune_feature_weight(student: nn.Module, inputs: np.ndarray, targets: np.ndar
 
 
 @torch.no_grad()
-def evaluate(predict, eval_set, crop_border: int) -> dict:
-    """Mean PSNR/SSIM (BasicSR: per image, RGB, ``crop_border`` px removed, clipped to [0, 1])."""
+def evaluate(predict, eval_set, conventions: Conventions) -> dict:
+    """Mean PSNR/SSIM over the images, per image under ``conventions`` (hardener.metrics: RGB or Y, crop
+    border, optional 8-bit rounding, clipped to [0, 1])."""
     psnrs, ssims = [], []
     for _, x, truth in eval_set:
         y = predict(x)
-        psnrs.append(psnr(y[0], truth[0], crop_border=crop_border))
-        ssims.append(ssim(y[0], truth[0], crop_border=crop_border))
+        psnrs.append(psnr(y[0], truth[0], conventions=conventions))
+        ssims.append(ssim(y[0], truth[0], conventions=conventions))
     return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "per_image_psnr": psnrs}
 
 

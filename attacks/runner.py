@@ -28,7 +28,7 @@ from hardener.model_io import atomic_write
 
 from . import provenance
 from .config import Defence, Suite
-from .distill import ATTACKERS, demark_targets, evaluate, torch_predictor, train_student
+from .distill import ATTACKERS, demark_targets, evaluate, torch_predictor, train_student, tune_feature_weight
 from .identity import (attacks_fingerprint, digest, environment, file_sha256, hardener_fingerprint,
                        normalized, stored_manifest, teacher_sha256)
 from .oracle import Oracle, strip_asvp
@@ -37,6 +37,8 @@ from .students import STUDENTS, build_student, parameter_count
 
 RUN_SCHEMA = "attacks.run/4"
 ID_CHARS = 16  # hex digits of a run's or a teacher's digest in its file name (64 bits)
+EVAL_SPLIT = "eval"  # the held-out photos every run is evaluated on (attacks.data.SPLIT), in both protocols
+QUERY_SPLITS = {"shared": "train", "disjoint": "disjoint"}  # where the thief's query patches come from
 
 
 def run_key(task, defence, attacker, student, seed) -> str:
@@ -94,7 +96,8 @@ class Runner:
         return normalized({
             "schema": RUN_SCHEMA, "task": task, "teacher": self.teacher_config(task, defence),
             "suite": {"queries": s.queries, "patch": s.patch, "steps": s.steps, "batch": s.batch,
-                      "eval_size": s.eval_size},
+                      "eval_size": s.eval_size, "metric_channel": s.metric_channel,
+                      "metric_rounding": s.metric_rounding, "protocol": s.protocol},
             "provenance": provenance.verify_config(s),
             "attacker": asdict(attacker),
             "student": {"name": student_name, "arch": arch, "config": STUDENTS.get(arch)},
@@ -115,12 +118,20 @@ class Runner:
         from .degrade import eval_set
 
         if task not in self._eval:
-            self._eval[task] = eval_set(task, "test", hr_size=self.suite.eval_size)
+            self._eval[task] = eval_set(task, EVAL_SPLIT, hr_size=self.suite.eval_size)
             name, x, truth = self._eval[task][0]  # the grid's photo: its input and ground truth
             for kind, image in (("input", x), ("truth", truth)):
                 if not self.eval_image(task, kind).exists():
                     save_png(self.eval_image(task, kind), image)
         return self._eval[task]
+
+    def conventions(self, task: str) -> Conventions:
+        """The suite's metric conventions for ``task``: crop border = scale for SR, 0 for same-size tasks."""
+        from .degrade import TASKS
+
+        scale = TASKS[task].scale
+        return Conventions(channel=self.suite.metric_channel, crop_border=scale if scale > 1 else 0,
+                           rounding=None if self.suite.metric_rounding == "none" else self.suite.metric_rounding)
 
     def eval_image(self, task: str, kind: str) -> Path:
         return self.image(f"{task}__{kind}__{self._eval_id(task)}")
@@ -191,7 +202,7 @@ class Runner:
         if str(path) not in self._teacher_metrics:
             oracle = Oracle(path, threads=self.threads)
             images = self.eval_set(task)
-            self._teacher_metrics[str(path)] = evaluate(oracle, images, crop_border=TASKS[task].scale)
+            self._teacher_metrics[str(path)] = evaluate(oracle, images, self.conventions(task))
             png = self.teacher_image(task, path)
             if not png.exists():
                 save_png(png, oracle(images[0][1]))
@@ -200,15 +211,20 @@ class Runner:
     def answers(self, task: str, path: Path, seed: int, ensemble: bool = False, one_image: bool = False):
         """The thief's query set for ``seed`` and the teacher's answers (and tap features).
 
-        ``one_image``: every patch from the first training photo; ``ensemble``: each input queried under
-        the 8 flips/rotations, the answers mapped back and averaged (the features are the identity's)."""
+        The queries are patches of the protocol's photos (``shared``: the teachers' training photos;
+        ``disjoint``: photos no teacher was trained on).  ``one_image``: every patch from the first of them;
+        ``ensemble``: each input queried under the 8 flips/rotations, the answers mapped back and averaged
+        (the features are the identity's)."""
         from .data import load_photos
         from .degrade import make_pairs
 
         key = f"{task}|{path}|{seed}|{ensemble}|{one_image}"
         if key not in self._answers:
             if self._train_photos is None:
-                self._train_photos = load_photos("train")
+                self._train_photos = load_photos(QUERY_SPLITS[self.suite.protocol])
+                if not self._train_photos:
+                    raise RuntimeError(f"no photos for the {self.suite.protocol!r} protocol's queries (split "
+                                       f"{QUERY_SPLITS[self.suite.protocol]!r}: install the attacks extra)")
             photos = self._train_photos[:1] if one_image else self._train_photos
             inputs, truth = make_pairs(task, photos, hr_size=self.suite.patch,
                                        count=self.suite.queries, seed=1000 + seed)
@@ -303,17 +319,23 @@ class Runner:
         student = build_student(attacker.student or student_name, scale, seed)
         steps = int(self.suite.steps * attacker.steps_factor)
         counter = StepCounter(step_file(self.out, file.stem), total=steps + int(steps * attacker.finetune_factor))
+        hint_weight, tuning = 0.0, None
+        if attacker.feature_weight > 0 and feats:  # the feature thief picks its hint weight on held-out queries
+            candidates = (attacker.feature_weight / 10, attacker.feature_weight)
+            counter.total += steps * len({0.0, *candidates})  # tune_feature_weight's trials
+            hint_weight, tuning = tune_feature_weight(student, inputs, targets, feats, candidates, steps=steps,
+                                                      loss=attacker.loss, target_filter=attacker.target_filter,
+                                                      batch=self.suite.batch, seed=seed, progress=counter)
         curve = train_student(student, inputs, targets, steps=steps, loss=attacker.loss,
-                              target_filter=attacker.target_filter, features=feats,
-                              feature_weight=attacker.feature_weight, batch=self.suite.batch, seed=seed,
-                              progress=counter)
+                              target_filter=attacker.target_filter, features=feats if hint_weight else None,
+                              feature_weight=hint_weight, batch=self.suite.batch, seed=seed, progress=counter)
         if attacker.finetune_factor > 0:  # the thief polishes the student on its own ground truth
             finetune = int(steps * attacker.finetune_factor)
             curve += train_student(student, inputs, truth, steps=finetune, loss=attacker.loss, lr=1e-4,
                                    batch=self.suite.batch, seed=seed + 7919, progress=counter)
             steps += finetune
         predict = torch_predictor(student)
-        metrics = evaluate(predict, self.eval_set(task), crop_border=scale)
+        metrics = evaluate(predict, self.eval_set(task), self.conventions(task))
         image = self.image(file.stem)
         save_png(image, predict(self.eval_set(task)[0][1]))
         served = self.teacher_metrics(task, queried)
@@ -330,6 +352,8 @@ class Runner:
             "task": task, "defence": asdict(defence), "attacker": asdict(attacker), "student": student_name,
             "student_arch": attacker.student or student_name, "student_params": parameter_count(student),
             "seed": seed, "queries": len(inputs), "steps": steps, "final_loss": curve[-1] if curve else None,
+            "feature_weight_chosen": hint_weight if tuning is not None else None,
+            "feature_tuning_l1": {str(k): v for k, v in tuning.items()} if tuning is not None else None,
             "student_metrics": metrics,
             "teacher_served": served,
             "teacher_original": original,
@@ -342,7 +366,9 @@ class Runner:
             "teacher_image": str(self.teacher_image(task, queried).relative_to(self.out)),
             "input_image": str(self.eval_image(task, "input").relative_to(self.out)),
             "truth_image": str(self.eval_image(task, "truth").relative_to(self.out)),
-            "conventions": f"{Conventions(crop_border=scale).describe()}, {len(self.eval_set(task))} held-out photos",
+            "conventions": f"{self.conventions(task).describe()}, {len(self.eval_set(task))} held-out photos "
+                           f"({', '.join(name for name, *_ in self.eval_set(task))}; centre crops of at most "
+                           f"{s.eval_size} px), queries from the {s.protocol!r} protocol's photos",
         }
         _write_json(file, result)
         return result

@@ -112,6 +112,9 @@ def build_models():
         steps: Annotated[int, Field(ge=1, le=10_000_000, **s["steps"])]
         batch: Annotated[int, Field(ge=1, le=4096, **s["batch"])]
         eval_size: Annotated[int, Field(ge=32, le=2048, **s["eval_size"])]
+        metric_channel: Annotated[Literal["rgb", "y"], Field(**s["metric_channel"])]
+        metric_rounding: Annotated[Literal["none", "uint8"], Field(**s["metric_rounding"])]
+        protocol: Annotated[Literal["shared", "disjoint"], Field(**s["protocol"])]
         provenance_probes: Annotated[int, Field(ge=1, le=PROBE_COUNT, **s["provenance_probes"])]
         provenance_null_keys: Annotated[int, Field(ge=20, le=100_000, **s["provenance_null_keys"])]
 

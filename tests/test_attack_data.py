@@ -275,3 +275,13 @@ def test_line_kernel_orientation():
     ys, xs = np.nonzero(k > 0.2)
     slope = np.polyfit(ys, xs, 1)[0]
     assert abs(slope - np.tan(np.radians(20.0))) < 0.05
+
+
+def test_protocol_splits_partition_the_held_out_photos():
+    """The suite evaluates on "eval" in both protocols; the "disjoint" thief queries photos that no teacher
+    was trained on and that are not evaluated on: eval + disjoint = test, and neither meets train."""
+    declared = {s: {n for names in data.SPLIT[s].values() for n in names} for s in data.SPLIT}
+    assert declared["eval"] | declared["disjoint"] == declared["test"]
+    assert not declared["eval"] & declared["disjoint"]
+    assert not (declared["eval"] | declared["disjoint"]) & declared["train"]
+    assert data.split_names("eval") == list(data.TEACHER_TEST)
