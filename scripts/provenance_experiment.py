@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +28,14 @@ import numpy as np
 import onnx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attacks.data import patches  # noqa: E402
-from attacks.degrade import sr2  # noqa: E402
-from attacks.distill import train_student  # noqa: E402
-from attacks.oracle import Oracle  # noqa: E402
-from attacks.students import build_student  # noqa: E402
-from hardener.provenance.key import generate_key  # noqa: E402
-from hardener.provenance.mark import mark_model  # noqa: E402
-from hardener.provenance.verify import verify  # noqa: E402
+from attacks.data import patches
+from attacks.degrade import sr2
+from attacks.distill import train_student
+from attacks.oracle import Oracle
+from attacks.students import build_student
+from hardener.provenance.key import generate_key
+from hardener.provenance.mark import mark_model
+from hardener.provenance.verify import verify
 
 TEACHER = Path(__file__).resolve().parents[1] / "hardener" / "assets" / "sr_x2.onnx"
 
