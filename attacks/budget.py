@@ -12,6 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hardener.model_io import atomic_write
+
 from .config import Suite
 from .report import summarize
 from .runner import Runner
@@ -37,9 +39,7 @@ def sweep(suite: Suite, queries: list[int], steps: list[int], out: Path, executo
                 "student_psnr_drop", "student_psnr_drop_ci95", "within_noise", "teacher_psnr")}})
     report = {"schema": "attacks.budget/1", "points": points(queries, steps), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".budget.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "budget.json")
+    atomic_write(json.dumps(report, indent=2).encode(), None, out / "budget.json")
     return report
 
 

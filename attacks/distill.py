@@ -8,6 +8,7 @@ defence from the file before querying.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,8 +210,6 @@ class FeatureHints:
 
 def _depth(name: str) -> tuple:
     """Sort key: tap names in the order of the blocks they come from (body.2 before body.10)."""
-    import re
-
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 

@@ -46,7 +46,8 @@ def normalized(config):
     return json.loads(canonical(config))
 
 
-def _sha_of_files(root: Path, names: list[str]) -> str:
+def sha_of_files(root: Path, names: list[str]) -> str:
+    """sha256 over the names and contents of ``names`` under ``root`` (a code version)."""
     h = hashlib.sha256()
     for name in names:
         h.update(name.encode() + b"\0")
@@ -61,13 +62,13 @@ def hardener_fingerprint() -> dict:
 
     root = Path(hardener.__file__).resolve().parent
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py") if "__pycache__" not in p.parts)
-    return {"version": hardener.__version__, "source_sha256": _sha_of_files(root, files)}
+    return {"version": hardener.__version__, "source_sha256": sha_of_files(root, files)}
 
 
 @lru_cache(maxsize=None)
 def attacks_fingerprint() -> dict:
     root = Path(__file__).resolve().parent
-    return {"run_format": RUN_FORMAT, "source_sha256": _sha_of_files(root, sorted(RUN_MODULES))}
+    return {"run_format": RUN_FORMAT, "source_sha256": sha_of_files(root, sorted(RUN_MODULES))}
 
 
 def _version(name: str) -> str | None:

@@ -147,9 +147,9 @@ def test_run_identity_covers_what_determines_a_run(tmp_path, monkeypatch):
 def test_source_fingerprint_follows_every_byte(tmp_path):
     for name in ("a.py", "b.py"):
         (tmp_path / name).write_text(f"x = '{name}'\n")
-    first = identity._sha_of_files(tmp_path, ["a.py", "b.py"])
+    first = identity.sha_of_files(tmp_path, ["a.py", "b.py"])
     (tmp_path / "b.py").write_text("x = 'b.py' \n")
-    assert identity._sha_of_files(tmp_path, ["a.py", "b.py"]) != first
+    assert identity.sha_of_files(tmp_path, ["a.py", "b.py"]) != first
     fp = identity.hardener_fingerprint()
     import hardener
 

@@ -103,10 +103,10 @@ def code_fingerprint() -> str:
     """sha256 of the attack code that determines the numbers (this package's modules)."""
     from pathlib import Path
 
-    from ..identity import _sha_of_files
+    from ..identity import sha_of_files
 
     root = Path(__file__).resolve().parent
-    return _sha_of_files(root, sorted(p.name for p in root.glob("*.py")))
+    return sha_of_files(root, sorted(p.name for p in root.glob("*.py")))
 
 
 def run_identity(target: Target, names: list[str], x8: np.ndarray, configs, steps: int, seeds: list[int]) -> dict:

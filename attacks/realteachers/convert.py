@@ -250,11 +250,11 @@ def suite_text(stems: dict[int, str]) -> str:
 tasks = {tasks!r}
 attackers = ["naive", "strip", "ground_truth"]
 students = ["tiny"]
-seeds = [0]
+seeds = [0, 1, 2]
 queries = 384
 patch = 64
 steps = 600
-eval_size = 128
+eval_size = 512
 [teachers]
 {teachers}
 [[defences]]
