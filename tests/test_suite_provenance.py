@@ -203,3 +203,32 @@ def test_threshold_and_detection_rates():
     assert rows["tiny"]["innocent"]["z_max"] == 0.5 and rows["edsr"]["derived"]["n"] == 0
     assert table["skipped_without_statistic"] == 1
     assert "| sr2 | tiny | 3 | 3.83 | 2.00 | 6.00 | 67% | 33% | 2 |" in "\n".join(provenance.markdown(table))
+
+
+# ------------------------------------------------------------------------------------ innocent trials
+def test_innocent_trials_find_the_one_key_that_marked_and_no_other():
+    """attacks.innocents: candidate keys are disjoint from the null keys and from the suite's keys; on a
+    residual that is exactly candidate 0's mark, only candidate 0 is derived; on pure noise, none is."""
+    from attacks.innocents import candidate_keys, summarize, trials
+    from hardener.provenance.key import mark_weights, null_key
+    from hardener.provenance.signal import mark_signal
+
+    keys = candidate_keys(6)
+    ids = {k.key_id for k in keys}
+    assert len(ids) == 6
+    assert not ids & {null_key(i).key_id for i in range(NULLS)}
+    assert not ids & {provenance.key(w).key_id for w in provenance.MARK_KEYS}
+    ys = [x for _, x in default_probes(3)]
+    w1, w2 = mark_weights(keys[0].secret, 3, 0)
+    marked = [0.01 * mark_signal(y[None], w1, w2)[0] for y in ys]
+    noise = [np.random.default_rng(i).normal(0, 0.01, y.shape) for i, y in enumerate(ys)]
+    by_mark = trials(ys, marked, keys, NULLS, [1, 3])
+    by_noise = trials(ys, noise, keys, NULLS, [1, 3])
+    assert by_mark[3][0]["derived"] and by_mark[3][0]["z"] > 4.75
+    assert not any(s["derived"] for s in by_mark[3][1:])
+    assert not any(s["derived"] for s in by_noise[3])
+    s = summarize(by_noise)
+    assert [r["probes"] for r in s["by_probes"]] == [1, 3] and s["by_probes"][1]["trials"] == 6
+    z1, z3 = (np.array([t["z"] for t in by_noise[n]]) for n in (1, 3))
+    assert s["drift"]["mean_change"] == pytest.approx(float((z3 - z1).mean()))
+    assert s["by_probes"][1]["z_max"] == pytest.approx(float(z3.max()))
