@@ -125,10 +125,15 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out / "report.json")
-    conventions = sorted({r["conventions"] for r in rows if r.get("conventions")})
+    tasks_by_conv: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("conventions") and r["task"] not in tasks_by_conv.setdefault(r["conventions"], []):
+            tasks_by_conv[r["conventions"]].append(r["task"])
     lines = ["# Attack report", "",
              "Students are distilled from the teacher's answers to the thief's queries (black box, ONNX "
-             "Runtime) and evaluated on held-out photos: " + ("; ".join(conventions) or "-") + ".", "",
+             "Runtime) and evaluated on held-out photos, with these conventions:", ""]
+    lines += [f"- {', '.join(tasks)}: {conv}." for conv, tasks in sorted(tasks_by_conv.items())] or ["- -"]
+    lines += ["",
              "`student drop` = the same student, attacker and seed distilled from the baseline teacher (the "
              "undefended one unless the row says otherwise) minus this one, mean +- std over seeds (positive = "
              "protection; strip is compared with naive). "
