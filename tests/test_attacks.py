@@ -110,7 +110,7 @@ def test_suite_end_to_end_identity_defence_and_resume(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
     md = (tmp_path / "report.md").read_text()
     assert "| sr2 | identity | naive | tiny |" in md
-    conv_lines = [line for line in md.splitlines() if line.startswith("- sr2: ")]
+    conv_lines = [line for line in md.splitlines() if line.startswith("- sr2: PSNR/SSIM")]
     assert len(conv_lines) == 1 and "crop border 2" in conv_lines[0]  # one conventions line per task group
     # pictures: each run's prediction on the first held-out photo, the teacher's, and the task grid + curve
     from skimage import io
