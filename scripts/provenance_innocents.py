@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
+from attacks.config import BUNDLED
+from attacks.degrade import input_baseline
+from attacks.distill import torch_predictor
 from attacks.identity import attacks_fingerprint, digest, environment, file_sha256, hardener_fingerprint
 from attacks.innocents import CANDIDATE_SEED0, candidate_keys, summarize, trials
 from hardener.model_io import atomic_write
@@ -39,7 +40,7 @@ from hardener.provenance.key import generate_key
 from hardener.provenance.probes import default_probes
 from hardener.provenance.verify import Runner
 
-TEACHER = Path(__file__).resolve().parents[1] / "hardener" / "assets" / "sr_x2.onnx"
+TEACHER = BUNDLED["sr2"]
 COUNTS = (4, 8, 16)
 
 
@@ -50,17 +51,12 @@ def _onnx_predict(path: Path):
 
 
 def _torch_predict(model):
-    model.eval()
-
-    def predict(x):
-        with torch.no_grad():
-            return model(torch.from_numpy(x[None]))[0].double().numpy()
-    return predict
+    batched = torch_predictor(model.eval())
+    return lambda x: batched(x[None])[0].astype(np.float64)
 
 
 def _bicubic(x):
-    t = F.interpolate(torch.from_numpy(x[None]), scale_factor=2, mode="bicubic", align_corners=False)
-    return t.clamp(0, 1)[0].double().numpy()
+    return np.clip(input_baseline(x[None], 2)[0], 0, 1).astype(np.float64)
 
 
 def _students(teacher: Path, seeds: list[int], close: bool, steps: int) -> list:
@@ -74,14 +70,14 @@ def _students(teacher: Path, seeds: list[int], close: bool, steps: int) -> list:
 
     out = []
     oracle = Oracle(teacher, threads=1)
+    init = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy())  # the unmarked teacher's weights
+            for t in onnx.load(str(TEACHER)).graph.initializer if not t.name.startswith("val")}
     for seed in seeds:
         hr = patches("train", 64, 384, seed=100 + seed)
         lr = sr2(hr, np.random.default_rng(seed))
         answers = oracle(lr)
         if close:
             student = build_student("edsr", 2, seed=seed)
-            init = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy())
-                    for t in onnx.load(str(TEACHER)).graph.initializer if not t.name.startswith("val")}
             student.load_state_dict(init)
             train_student(student, lr, answers, steps=steps // 4, seed=seed, batch=8, lr=5e-4, loss="l2")
         else:
@@ -121,9 +117,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         hardened, marked = tmp / "asvp.onnx", tmp / "marked.onnx"
-        subprocess.run([sys.executable, "-c", "from hardener.cli import entry; entry()", str(TEACHER), "--layers",
-                        "body.*.conv2", "--gain", "1.3", "-o", str(hardened), "-q"], check=True)
+        from hardener import AsvpParams, HardenConfig, harden
         from hardener.provenance.mark import mark_model
+
+        harden(TEACHER, hardened, HardenConfig(layers=["body.*.conv2"], params=AsvpParams(rank=4, gain=1.3)),
+               raise_on_failure=True)
         mark_model(TEACHER, keys[0], marked)
         models = [("bicubic", "innocent", _bicubic), ("asvp-h1.3", "innocent", _onnx_predict(hardened))]
         for i in (1, 2):
