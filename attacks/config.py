@@ -69,6 +69,9 @@ class Suite:
     protocol: str = "shared"
     provenance_probes: int = 16  # default probe photos each student's provenance statistic runs on
     provenance_null_keys: int = 256  # public null keys of that statistic
+    # innocent trials per run: the student is also tested against this many candidate keys that no teacher
+    # was marked with (attacks.innocents.candidate_keys); each (student, candidate key) is one innocent trial
+    provenance_candidate_keys: int = 0
 
     @classmethod
     def load(cls, path: Path, resolve_layers: bool = True) -> "Suite":

@@ -61,8 +61,11 @@ def mark_config(defence) -> dict | None:
 
 def verify_config(suite) -> dict:
     """What the per-run verdict depends on (part of each run's identity)."""
-    return {"key": key_record("suite"), "probes": suite.provenance_probes,
-            "null_keys": suite.provenance_null_keys, "probe_set": "hardener default probes", "alpha": VERIFY_ALPHA}
+    config = {"key": key_record("suite"), "probes": suite.provenance_probes,
+              "null_keys": suite.provenance_null_keys, "probe_set": "hardener default probes", "alpha": VERIFY_ALPHA}
+    if suite.provenance_candidate_keys:  # absent when 0, so runs made before the option keep their identity
+        config["candidate_keys"] = suite.provenance_candidate_keys
+    return config
 
 
 # ------------------------------------------------------------------------------------------ marking
@@ -138,11 +141,14 @@ def _reference(source: str, sha256: str, count: int):
 
 
 def verdict(predict, source: Path, source_sha256: str, probes: int, null_keys: int,
-            eps: float | None = None) -> dict:
+            eps: float | None = None, candidates: int = 0) -> dict:
     """The verify statistic of ``predict`` ((1, 3, h, w) float32 -> (1, C, H, W)) against the suite's key,
     with the unmarked ``source`` teacher as the original.  ``eps``: the served teacher's mark strength, for
-    the amplitude in units of eps."""
+    the amplitude in units of eps.  ``candidates``: also the z of that many candidate keys that marked no
+    teacher (``candidate_z``), each against the same null keys: innocent trials, whatever the student."""
     from hardener.provenance.verify import scores, statistic
+
+    from .innocents import candidate_keys
 
     probe_list, spec, ys = _reference(str(source), source_sha256, probes)
     outs = []
@@ -156,8 +162,13 @@ def verdict(predict, source: Path, source_sha256: str, probes: int, null_keys: i
         return {**base, "z": None, "p_gaussian": None, "p_empirical": None, "amplitude": None,
                 "amplitude_over_eps": None, "derived": False, "note": "non-finite outputs on a probe: no statistic"}
     rs = [o - y for o, y in zip(outs, ys)]
-    sc = scores(ys, rs, [key("suite")] + [null_key(i) for i in range(null_keys)], spec.index)
-    s = statistic(sc["rho"], sc["amplitude"], VERIFY_ALPHA)
+    cands = candidate_keys(candidates)
+    sc = scores(ys, rs, [key("suite")] + cands + [null_key(i) for i in range(null_keys)], spec.index)
+    rho, amp, n0 = sc["rho"], sc["amplitude"], 1 + candidates  # rho[n0:]: the null keys
+    s = statistic(np.concatenate([rho[:1], rho[n0:]]), np.concatenate([amp[:1], amp[n0:]]), VERIFY_ALPHA)
+    if candidates:
+        base["candidate_z"] = [statistic(np.concatenate([rho[i:i + 1], rho[n0:]]), amp[i:i + 1], VERIFY_ALPHA)["z"]
+                               for i in range(1, n0)]
     return {**base, "z": s["z"], "p_gaussian": s["p_gaussian"], "p_empirical": s["p_empirical"], "rho": s["rho"],
             "amplitude": s["amplitude"], "amplitude_over_eps": s["amplitude"] / eps if eps else None,
             "null_keys_at_or_above": s["null_keys_at_or_above"], "null_z_max": s["null_z_max"],
@@ -220,22 +231,39 @@ def observations(results: list[dict]) -> list[dict]:
     return obs + [teachers[k] for k in sorted(teachers)]
 
 
+def trials(results: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """Candidate-key innocent trials, {(task, student architecture): [z]} (runs made with candidate keys)."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        zs = (r.get("provenance") or {}).get("candidate_z")
+        if zs:
+            out.setdefault((r["task"], r["student_arch"]), []).extend(z for z in map(_z, zs) if z is not None)
+    return out
+
+
 def table(results: list[dict]) -> dict:
-    """The provenance rows: per task and architecture, derived vs innocent z and detection rates."""
+    """The provenance rows: per task and architecture, derived vs innocent z and detection rates.  The
+    task's threshold comes from its innocent models and its candidate-key innocent trials together."""
     obs = [o for o in observations(results) if o["z"] is not None]
+    by_trial = trials(results)
     rows, thresholds = [], {}
     for task in sorted({o["task"] for o in obs}):
         mine = [o for o in obs if o["task"] == task]
         innocent = [o["z"] for o in mine if o["label"] == "innocent"]
-        t, rule = threshold(innocent)
-        thresholds[task] = {"z": t, "rule": rule, "innocents": len(innocent),
+        task_trials = [z for (t_, _), zs in sorted(by_trial.items()) if t_ == task for z in zs]
+        t, rule = threshold(innocent + task_trials)
+        thresholds[task] = {"z": t, "rule": rule, "innocents": len(innocent), "innocent_trials": len(task_trials),
                             "false_positives_at_default": sum(o["derived_at_default"] for o in mine
-                                                              if o["label"] == "innocent")}
+                                                              if o["label"] == "innocent"),
+                            "trials_over_threshold": sum(z > t for z in task_trials),
+                            "trials_at_p_1e-3": sum(z >= GAUSS_Z for z in task_trials)}
         for arch in sorted({o["arch"] for o in mine}, key=lambda a: (a.startswith("teacher"), a)):
             d = [o for o in mine if o["arch"] == arch and o["label"] == "derived"]
             i = [o for o in mine if o["arch"] == arch and o["label"] == "innocent"]
             dz = [o["z"] for o in d]
             rows.append({"task": task, "arch": arch, "derived": _stats(dz), "innocent": _stats([o["z"] for o in i]),
+                         "innocent_trials": _stats(by_trial.get((task, arch), [])),
+                         "innocent_trials_at_p_1e-3": sum(z >= GAUSS_Z for z in by_trial.get((task, arch), [])),
                          "threshold_z": t,
                          "detection_rate_fpr_1e-3": sum(z > t for z in dz) / len(dz) if dz else None,
                          "detection_rate_verify_default":
@@ -260,12 +288,18 @@ def markdown(prov: dict) -> list[str]:
              "teachers not marked with the key. `det @1e-3` = share of derived runs with z above the threshold "
              "for a false-positive rate of 1e-3 on the task's innocents; `det @verify` = share that `harden "
              "verify` calls derived at its default (p Gaussian < 1e-6 and no null key as high); `FP` = innocents "
-             "over the threshold / called derived by verify.", ""]
+             "over the threshold / called derived by verify; `trials` = candidate-key innocent trials (each student "
+             "against keys that marked no teacher: innocent whatever the student), their largest z and how many "
+             f"reach z >= {GAUSS_Z:.2f} (p < 1e-3).", ""]
     for task, t in prov["thresholds"].items():
-        lines.append(f"- {task}: threshold z = {t['z']:.2f}: {t['rule']}")
+        extra = ""
+        if t.get("innocent_trials"):
+            extra = (f" ({t['innocents']} innocent models + {t['innocent_trials']} candidate-key innocent trials: "
+                     f"{t['trials_at_p_1e-3']} trial(s) at z >= {GAUSS_Z:.2f})")
+        lines.append(f"- {task}: threshold z = {t['z']:.2f}: {t['rule']}{extra}")
     lines += ["", "| task | architecture | derived n | z mean | z min | z max | det @1e-3 | det @verify | "
-              "innocent n | z mean | z min | z max | FP @1e-3 | FP @verify |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "innocent n | z mean | z min | z max | FP @1e-3 | FP @verify | trials | trial z max | trials p<1e-3 |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
     for r in prov["rows"]:
         d, i = r["derived"], r["innocent"]
@@ -273,7 +307,9 @@ def markdown(prov: dict) -> list[str]:
                      f"{f(r['detection_rate_fpr_1e-3'], '.0%')} | {f(r['detection_rate_verify_default'], '.0%')} | "
                      f"{i['n']} | {f(i['z_mean'])} | {f(i['z_min'])} | {f(i['z_max'])} | "
                      f"{r['innocent_flagged_at_threshold'] if i['n'] else '-'} | "
-                     f"{r['innocent_flagged_at_verify_default'] if i['n'] else '-'} |")
+                     f"{r['innocent_flagged_at_verify_default'] if i['n'] else '-'} | "
+                     f"{r['innocent_trials']['n'] or '-'} | {f(r['innocent_trials']['z_max'])} | "
+                     f"{r['innocent_trials_at_p_1e-3'] if r['innocent_trials']['n'] else '-'} |")
     if prov["skipped_without_statistic"]:
         lines.append(f"\n{prov['skipped_without_statistic']} run(s) gave non-finite outputs: no statistic, left out.")
     return lines

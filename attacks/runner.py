@@ -345,7 +345,8 @@ class Runner:
         # the suite key's mark
         source, s = self.source_teacher(task), self.suite
         verdict = provenance.verdict(predict, source, teacher_sha256(source), s.provenance_probes,
-                                     s.provenance_null_keys, eps=provenance.served_eps(queried))
+                                     s.provenance_null_keys, eps=provenance.served_eps(queried),
+                                     candidates=s.provenance_candidate_keys)
         prov_label, prov_why = provenance.label(defence, attacker)
         result = {
             "schema": RUN_SCHEMA, "run_id": run_id, "config": config,

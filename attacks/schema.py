@@ -117,6 +117,7 @@ def build_models():
         protocol: Annotated[Literal["shared", "disjoint"], Field(**s["protocol"])]
         provenance_probes: Annotated[int, Field(ge=1, le=PROBE_COUNT, **s["provenance_probes"])]
         provenance_null_keys: Annotated[int, Field(ge=20, le=100_000, **s["provenance_null_keys"])]
+        provenance_candidate_keys: Annotated[int, Field(ge=0, le=10_000, **s["provenance_candidate_keys"])]
 
     for model, cls in ((SuiteFile, Suite), (DefenceEntry, Defence)):  # the dataclasses are the source of keys
         keys = {f.name for f in dataclasses.fields(cls)}

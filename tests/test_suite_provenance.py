@@ -205,6 +205,45 @@ def test_threshold_and_detection_rates():
     assert "| sr2 | tiny | 3 | 3.83 | 2.00 | 6.00 | 67% | 33% | 2 |" in "\n".join(provenance.markdown(table))
 
 
+def test_candidate_key_trials_in_a_run_and_in_the_table(finished):
+    """A run's candidate_z is attacks.innocents.trials on the same outputs (the suite key's z unchanged by
+    them); runs made without candidates keep their identity; the table pools the trials into the task's
+    threshold, which becomes empirical once innocents and trials reach 1000."""
+    from attacks.degrade import input_baseline
+    from attacks.identity import teacher_sha256
+    from attacks.innocents import candidate_keys, trials
+
+    runner, *_ = finished
+    source = runner.source_teacher("sr2")
+    sha = teacher_sha256(source)
+    bicubic = lambda x: input_baseline(x, 2)  # noqa: E731  an innocent suspect
+    plain = provenance.verdict(bicubic, source, sha, PROBES, NULLS)
+    with_trials = provenance.verdict(bicubic, source, sha, PROBES, NULLS, candidates=5)
+    assert "candidate_z" not in plain and len(with_trials["candidate_z"]) == 5
+    assert with_trials["z"] == pytest.approx(plain["z"], abs=1e-6)  # float32 key chunks differ
+    probes = default_probes(PROBES)
+    _, spec, ys = provenance._reference(str(source), sha, PROBES)
+    rs = [np.asarray(bicubic(p[None]), np.float64)[0] - y for (_, p), y in zip(probes, ys)]
+    want = [t["z"] for t in trials(ys, rs, candidate_keys(5), NULLS, [PROBES])[PROBES]]
+    assert with_trials["candidate_z"] == pytest.approx(want, abs=1e-6)
+    assert "candidate_keys" not in provenance.verify_config(Suite(defences=[Defence("none")], **TINY))
+    assert provenance.verify_config(Suite(defences=[Defence("none")], **TINY, provenance_candidate_keys=8))[
+        "candidate_keys"] == 8
+
+    def run(label, zv, cz):
+        return {"task": "sr2", "student_arch": "tiny", "provenance_label": label, "teacher_file_sha256": "s",
+                "provenance": {"z": zv, "derived": False, "candidate_z": cz}, "teacher_provenance": None}
+    grid = list(np.linspace(-3, 3.5, 500))
+    table = provenance.table([run("innocent", 0.2, grid), run("derived", 5.0, grid)])
+    t = table["thresholds"]["sr2"]
+    assert t["innocent_trials"] == 1000 and t["innocents"] == 1 and t["rule"].startswith("empirical")
+    assert t["z"] == sorted(grid + grid + [0.2])[-2]  # floor(1001e-3) = 1 allowed above
+    row = table["rows"][0]
+    assert row["innocent_trials"]["n"] == 1000 and row["innocent_trials_at_p_1e-3"] == 2 * sum(
+        z >= provenance.GAUSS_Z for z in grid)
+    assert "candidate-key innocent trials" in "\n".join(provenance.markdown(table))
+
+
 # ------------------------------------------------------------------------------------ innocent trials
 def test_innocent_trials_find_the_one_key_that_marked_and_no_other():
     """attacks.innocents: candidate keys are disjoint from the null keys and from the suite's keys; on a
