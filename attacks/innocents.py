@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from hardener.provenance.key import ProvenanceKey, generate_key, null_key
-from hardener.provenance.verify import DEFAULT_ALPHA, scores, statistic
+from hardener.provenance.verify import DEFAULT_ALPHA, pooled, scores, statistic
 
 from .provenance import GAUSS_Z
 
@@ -37,9 +37,10 @@ def trials(ys: list[np.ndarray], rs: list[np.ndarray], candidates: list[Provenan
            counts: list[int], output_index: int = 0, alpha: float = DEFAULT_ALPHA) -> dict[int, list[dict]]:
     """{probe count n: [verify statistic of candidate key i, on the first n probes]}."""
     nulls = [null_key(i) for i in range(null_count)]
+    per = scores(ys[:max(counts)], rs[:max(counts)], candidates + nulls, output_index)["per_probe"]
     out = {}
-    for n in counts:
-        sc = scores(ys[:n], rs[:n], candidates + nulls, output_index)
+    for n in counts:  # the first n probes' terms: each probe is computed once
+        sc = pooled(per["dot"][:n], per["energy"][:n], per["r_energy"][:n], sum(per["sizes"][:n]))
         rho, amp = sc["rho"], sc["amplitude"]
         k = len(candidates)
         out[n] = [statistic(np.concatenate([rho[i:i + 1], rho[k:]]), np.concatenate([amp[i:i + 1], amp[k:]]), alpha)

@@ -40,16 +40,19 @@ def _patches(y: torch.Tensor) -> torch.Tensor:
 
 def scores(ys: list[np.ndarray], rs: list[np.ndarray], keys: list[ProvenanceKey], output_index: int = 0,
            chunk: int = KEY_CHUNK, project: bool = True) -> dict:
-    """rho_k for each key (first = true key) and the amplitude a_k; ys, rs: (C, H, W) arrays."""
+    """rho_k for each key (first = true key) and the amplitude a_k; ys, rs: (C, H, W) arrays.
+
+    ``per_probe`` holds each probe's terms (dot (P, K), energy (P, K), residual energy (P,)): the statistic
+    on the first n probes is :func:`pooled` of their first n rows, without computing anything again."""
     c = ys[0].shape[0]
     weights = [mark_weights(k.secret, c, output_index) for k in keys]
     w1 = torch.from_numpy(np.stack([w.reshape(w.shape[0], -1) for w, _ in weights]).astype(np.float32))  # K,16,C*9
     w2 = torch.from_numpy(np.stack([w for _, w in weights]).astype(np.float32))  # K, C, 16
     nk, hidden = w1.shape[:2]
-    dot = np.zeros(nk)
-    energy = np.zeros(nk)
-    r_energy = 0.0
-    for y, r in zip(ys, rs):
+    dot = np.zeros((len(ys), nk))
+    energy = np.zeros((len(ys), nk))
+    r_energy = np.zeros(len(ys))
+    for i, (y, r) in enumerate(zip(ys, rs)):
         yt = torch.from_numpy(np.ascontiguousarray(y, np.float32))[None]
         patch = _patches(yt)  # (M, C*9)
         m = patch.shape[0]
@@ -59,19 +62,27 @@ def scores(ys: list[np.ndarray], rs: list[np.ndarray], keys: list[ProvenanceKey]
         q, _ = torch.linalg.qr(reg)  # (M, 28) orthonormal basis of the generic residuals
         rt = torch.from_numpy(np.ascontiguousarray(r, np.float64)).reshape(c, -1).T  # (M, C)
         pr = rt - q @ (q.T @ rt)
-        r_energy += float((pr * pr).sum())
+        r_energy[i] = float((pr * pr).sum())
         pr32, q32 = pr.float(), q.float()
         for s in range(0, nk, chunk):
             u = patch @ w1[s:s + chunk].reshape(-1, w1.shape[-1]).T  # (M, k*16)
             u.tanh_()
             u.mul_(u)
             g = torch.bmm(u.view(m, -1, hidden).transpose(0, 1), w2[s:s + chunk].transpose(1, 2))  # (k, M, C)
-            dot[s:s + chunk] += torch.einsum("kmc,mc->k", g, pr32).double().numpy()
+            dot[i, s:s + chunk] = torch.einsum("kmc,mc->k", g, pr32).double().numpy()
             qg = torch.einsum("mj,kmc->kjc", q32, g)
-            energy[s:s + chunk] += ((g.double() ** 2).sum((1, 2)) - (qg.double() ** 2).sum((1, 2))).numpy()
-    energy = np.maximum(energy, 1e-300)
-    rho = dot / math.sqrt(max(r_energy, 1e-300)) / np.sqrt(energy)
-    return {"rho": rho, "amplitude": dot / energy, "residual_rms": math.sqrt(r_energy / sum(r.size for r in rs))}
+            energy[i, s:s + chunk] = ((g.double() ** 2).sum((1, 2)) - (qg.double() ** 2).sum((1, 2))).numpy()
+    out = pooled(dot, energy, r_energy, sum(r.size for r in rs))
+    out["per_probe"] = {"dot": dot, "energy": energy, "r_energy": r_energy, "sizes": [r.size for r in rs]}
+    return out
+
+
+def pooled(dot: np.ndarray, energy: np.ndarray, r_energy: np.ndarray, size: int) -> dict:
+    """rho, amplitude and residual rms from per-probe terms (rows = probes), summed over the probes."""
+    dot, energy = dot.sum(axis=0), np.maximum(energy.sum(axis=0), 1e-300)
+    r_total = float(np.sum(r_energy))
+    rho = dot / math.sqrt(max(r_total, 1e-300)) / np.sqrt(energy)
+    return {"rho": rho, "amplitude": dot / energy, "residual_rms": math.sqrt(r_total / size)}
 
 
 def _gauss_tail(z: float) -> float:
