@@ -222,7 +222,7 @@ def test_candidate_key_trials_in_a_run_and_in_the_table(finished):
     assert "candidate_z" not in plain and len(with_trials["candidate_z"]) == 5
     assert with_trials["z"] == pytest.approx(plain["z"], abs=1e-6)  # float32 key chunks differ
     probes = default_probes(PROBES)
-    _, spec, ys = provenance._reference(str(source), sha, PROBES)
+    _, _, ys = provenance._reference(str(source), sha, PROBES)
     rs = [np.asarray(bicubic(p[None]), np.float64)[0] - y for (_, p), y in zip(probes, ys)]
     want = [t["z"] for t in trials(ys, rs, candidate_keys(5), NULLS, [PROBES])[PROBES]]
     assert with_trials["candidate_z"] == pytest.approx(want, abs=1e-6)
