@@ -9,8 +9,8 @@ here without training hundreds of students: every innocent model is tested again
 repeated with 4, 8 and 16 probes.
 
 * ``trials(ys, rs, candidates, nulls, counts)``: z (and verify's verdict) of each candidate key, per probe
-  count, through :func:`hardener.provenance.verify.scores` and :func:`statistic` (the functions `harden
-  verify` runs).
+  count, through :func:`hardener.provenance.verify.scores` and ``each_against_nulls`` (`harden verify`'s
+  statistic, for each candidate key against the same null keys).
 * ``summarize``: per model and probe count, the mean, spread and maximum of the innocent z, how many trials
   a 1e-3 false-positive threshold flags, and how many verify would call "derived"; across probe counts, the
   mean change of a trial's z (the drift).
@@ -22,9 +22,9 @@ import math
 import numpy as np
 
 from hardener.provenance.key import ProvenanceKey, generate_key, null_key
-from hardener.provenance.verify import DEFAULT_ALPHA, pooled, scores, statistic
+from hardener.provenance.verify import DEFAULT_ALPHA, each_against_nulls, pooled, scores
 
-from .provenance import GAUSS_Z
+from .detection import GAUSS_Z
 
 CANDIDATE_SEED0 = 50_000  # candidate keys: generate_key(CANDIDATE_SEED0 + i), disjoint from the null keys
 
@@ -41,10 +41,7 @@ def trials(ys: list[np.ndarray], rs: list[np.ndarray], candidates: list[Provenan
     out = {}
     for n in counts:  # the first n probes' terms: each probe is computed once
         sc = pooled(per["dot"][:n], per["energy"][:n], per["r_energy"][:n], sum(per["sizes"][:n]))
-        rho, amp = sc["rho"], sc["amplitude"]
-        k = len(candidates)
-        out[n] = [statistic(np.concatenate([rho[i:i + 1], rho[k:]]), np.concatenate([amp[i:i + 1], amp[k:]]), alpha)
-                  for i in range(k)]
+        out[n] = each_against_nulls(sc["rho"], sc["amplitude"], len(candidates), alpha)
     return out
 
 

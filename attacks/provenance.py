@@ -1,4 +1,5 @@
-"""The suite's side of provenance (issue 11): marked teachers, each run's verdict, and the detection table.
+"""The suite's side of provenance (issue 11): marked teachers and each run's verdict (the detection table
+built from them is :mod:`attacks.detection`'s, outside the runs' identity).
 
 * A defence with ``mark = true`` serves its teacher (after ASVP hardening, if it has layers) marked with
   :func:`hardener.provenance.mark.mark_model` at a 0.05 dB PSNR cost, calibrated against ground truth on a
@@ -11,14 +12,11 @@
   (:func:`verdict`): the student runs in torch on the default probe photos, the reference is the unmarked
   source teacher, and z, p and the amplitude come from ``hardener.provenance.verify`` (the same functions
   ``harden verify`` uses), with the suite's numbers of probes and null keys.
-* :func:`table` turns the runs into the report's rows: per task and student architecture, "derived" runs
-  (teacher marked with the suite's key, a distilling attacker) against "innocent" ones (unmarked or
-  other-key teachers, ground-truth students, the served teachers themselves), with the detection rate at a
-  false-positive rate of 1e-3 estimated on the task's innocents.
+* :func:`label` says whether a run's student is "derived" (teacher marked with the suite's key, a distilling
+  attacker) or "innocent" (unmarked or other-key teachers, ground-truth students).
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from functools import lru_cache
@@ -34,9 +32,6 @@ MARK_KEYS = tuple(KEY_SEEDS)
 TARGET_DROP = DEFAULT_DROP  # dB against ground truth, the `harden mark` default
 # the pairs eps is calibrated on: the task's training photos, degraded like the thief's queries
 CALIBRATION = {"split": "train", "hr_size": 128, "count": 8, "seed": 9011}
-FPR = 1e-3
-GAUSS_Z = 3.090232306167813  # P(Z >= z) = 1e-3 for a standard normal
-EMPIRICAL_MIN = 1000  # innocents needed before the threshold is read off their own distribution
 VERIFY_ALPHA = 1e-6  # `harden verify`'s default
 
 
@@ -146,7 +141,7 @@ def verdict(predict, source: Path, source_sha256: str, probes: int, null_keys: i
     with the unmarked ``source`` teacher as the original.  ``eps``: the served teacher's mark strength, for
     the amplitude in units of eps.  ``candidates``: also the z of that many candidate keys that marked no
     teacher (``candidate_z``), each against the same null keys: innocent trials, whatever the student."""
-    from hardener.provenance.verify import scores, statistic
+    from hardener.provenance.verify import each_against_nulls, scores
 
     from .innocents import candidate_keys
 
@@ -164,11 +159,9 @@ def verdict(predict, source: Path, source_sha256: str, probes: int, null_keys: i
     rs = [o - y for o, y in zip(outs, ys)]
     cands = candidate_keys(candidates)
     sc = scores(ys, rs, [key("suite")] + cands + [null_key(i) for i in range(null_keys)], spec.index)
-    rho, amp, n0 = sc["rho"], sc["amplitude"], 1 + candidates  # rho[n0:]: the null keys
-    s = statistic(np.concatenate([rho[:1], rho[n0:]]), np.concatenate([amp[:1], amp[n0:]]), VERIFY_ALPHA)
+    s, *cand = each_against_nulls(sc["rho"], sc["amplitude"], 1 + candidates, VERIFY_ALPHA)
     if candidates:
-        base["candidate_z"] = [statistic(np.concatenate([rho[i:i + 1], rho[n0:]]), amp[i:i + 1], VERIFY_ALPHA)["z"]
-                               for i in range(1, n0)]
+        base["candidate_z"] = [c["z"] for c in cand]
     return {**base, "z": s["z"], "p_gaussian": s["p_gaussian"], "p_empirical": s["p_empirical"], "rho": s["rho"],
             "amplitude": s["amplitude"], "amplitude_over_eps": s["amplitude"] / eps if eps else None,
             "null_keys_at_or_above": s["null_keys_at_or_above"], "null_z_max": s["null_z_max"],
@@ -184,135 +177,6 @@ def label(defence, attacker) -> tuple[str, str]:
     if defence.mark_key != "suite":
         return "innocent", f"student of a teacher marked with another key ({defence.mark_key})"
     return "derived", "student of a teacher marked with the suite's key"
-
-
-# ------------------------------------------------------------------------------------------ report
-def _z(v) -> float | None:
-    return None if v is None or not math.isfinite(v) else float(v)
-
-
-def threshold(innocent_z: list[float]) -> tuple[float | None, str]:
-    """The z threshold for a false-positive rate <= FPR on ``innocent_z`` and how it was chosen."""
-    n = len(innocent_z)
-    if n >= EMPIRICAL_MIN:
-        k = int(math.floor(FPR * n))  # innocents allowed above the threshold
-        t = sorted(innocent_z, reverse=True)[k]
-        return t, f"empirical: the {k + 1}-th largest of {n} innocent z (detected when z > it)"
-    if n == 0:
-        return GAUSS_Z, f"Gaussian tail z = {GAUSS_Z:.2f} (no innocents to check it against)"
-    top = max(innocent_z)
-    if top >= GAUSS_Z:
-        return top, (f"largest innocent z {top:.2f} (above the Gaussian-tail {GAUSS_Z:.2f}; {n} innocents "
-                     f"< {EMPIRICAL_MIN}, too few for an empirical 1e-3 quantile)")
-    return GAUSS_Z, (f"Gaussian tail z = {GAUSS_Z:.2f} (P(Z >= z) = 1e-3; {n} innocents < {EMPIRICAL_MIN}, too "
-                     f"few for an empirical 1e-3 quantile; largest innocent z {top:.2f})")
-
-
-def _stats(zs: list[float]) -> dict:
-    return {"n": len(zs), "z_mean": float(np.mean(zs)) if zs else None, "z_min": min(zs) if zs else None,
-            "z_max": max(zs) if zs else None}
-
-
-def observations(results: list[dict]) -> list[dict]:
-    """One observation per run's student, plus one per distinct served teacher of a task."""
-    obs, teachers = [], {}
-    for r in results:
-        p = r.get("provenance")
-        if not p:
-            continue
-        obs.append({"task": r["task"], "arch": r["student_arch"], "label": r["provenance_label"], "z": _z(p["z"]),
-                    "derived_at_default": bool(p["derived"])})
-        t = r.get("teacher_provenance")
-        if t:
-            teachers[(r["task"], r["teacher_file_sha256"])] = {
-                "task": r["task"], "arch": "teacher (served)", "z": _z(t["z"]),
-                "derived_at_default": bool(t["derived"]),
-                "label": "derived" if t.get("eps") is not None else "innocent"}
-    return obs + [teachers[k] for k in sorted(teachers)]
-
-
-def trials(results: list[dict]) -> dict[tuple[str, str], list[float]]:
-    """Candidate-key innocent trials, {(task, student architecture): [z]} (runs made with candidate keys)."""
-    out: dict[tuple[str, str], list[float]] = {}
-    for r in results:
-        zs = (r.get("provenance") or {}).get("candidate_z")
-        if zs:
-            out.setdefault((r["task"], r["student_arch"]), []).extend(z for z in map(_z, zs) if z is not None)
-    return out
-
-
-def table(results: list[dict]) -> dict:
-    """The provenance rows: per task and architecture, derived vs innocent z and detection rates.  The
-    task's threshold comes from its innocent models and its candidate-key innocent trials together."""
-    obs = [o for o in observations(results) if o["z"] is not None]
-    by_trial = trials(results)
-    rows, thresholds = [], {}
-    for task in sorted({o["task"] for o in obs}):
-        mine = [o for o in obs if o["task"] == task]
-        innocent = [o["z"] for o in mine if o["label"] == "innocent"]
-        task_trials = [z for (t_, _), zs in sorted(by_trial.items()) if t_ == task for z in zs]
-        t, rule = threshold(innocent + task_trials)
-        thresholds[task] = {"z": t, "rule": rule, "innocents": len(innocent), "innocent_trials": len(task_trials),
-                            "false_positives_at_default": sum(o["derived_at_default"] for o in mine
-                                                              if o["label"] == "innocent"),
-                            "trials_over_threshold": sum(z > t for z in task_trials),
-                            "trials_at_p_1e-3": sum(z >= GAUSS_Z for z in task_trials)}
-        for arch in sorted({o["arch"] for o in mine}, key=lambda a: (a.startswith("teacher"), a)):
-            d = [o for o in mine if o["arch"] == arch and o["label"] == "derived"]
-            i = [o for o in mine if o["arch"] == arch and o["label"] == "innocent"]
-            dz = [o["z"] for o in d]
-            rows.append({"task": task, "arch": arch, "derived": _stats(dz), "innocent": _stats([o["z"] for o in i]),
-                         "innocent_trials": _stats(by_trial.get((task, arch), [])),
-                         "innocent_trials_at_p_1e-3": sum(z >= GAUSS_Z for z in by_trial.get((task, arch), [])),
-                         "threshold_z": t,
-                         "detection_rate_fpr_1e-3": sum(z > t for z in dz) / len(dz) if dz else None,
-                         "detection_rate_verify_default":
-                             sum(o["derived_at_default"] for o in d) / len(d) if d else None,
-                         "innocent_flagged_at_threshold": sum(o["z"] > t for o in i),
-                         "innocent_flagged_at_verify_default": sum(o["derived_at_default"] for o in i)})
-    return {"key": key_record("suite"), "fpr": FPR, "thresholds": thresholds, "rows": rows,
-            "skipped_without_statistic": sum(1 for o in observations(results) if o["z"] is None)}
-
-
-def markdown(prov: dict) -> list[str]:
-    """The report's "Provenance" section."""
-    if not prov["rows"]:
-        return []
-    k = prov["key"]
-    lines = ["", "## Provenance", "",
-             f"Every student (and each served teacher) is tested with `harden verify`'s statistic against the "
-             f"suite's key (key id {k['key_id'][:16]}, `generate_key(seed={k['seed']})`: reproducible, so not a "
-             "secret; it measures the mark and protects nothing), the unmarked source teacher as the original. "
-             "`derived` = students distilled from a teacher marked with that key; `innocent` = students of "
-             "unmarked teachers or of teachers marked with another key, ground-truth students, and the served "
-             "teachers not marked with the key. `det @1e-3` = share of derived runs with z above the threshold "
-             "for a false-positive rate of 1e-3 on the task's innocents; `det @verify` = share that `harden "
-             "verify` calls derived at its default (p Gaussian < 1e-6 and no null key as high); `FP` = innocents "
-             "over the threshold / called derived by verify; `trials` = candidate-key innocent trials (each student "
-             "against keys that marked no teacher: innocent whatever the student), their largest z and how many "
-             f"reach z >= {GAUSS_Z:.2f} (p < 1e-3).", ""]
-    for task, t in prov["thresholds"].items():
-        extra = ""
-        if t.get("innocent_trials"):
-            extra = (f" ({t['innocents']} innocent models + {t['innocent_trials']} candidate-key innocent trials: "
-                     f"{t['trials_at_p_1e-3']} trial(s) at z >= {GAUSS_Z:.2f})")
-        lines.append(f"- {task}: threshold z = {t['z']:.2f}: {t['rule']}{extra}")
-    lines += ["", "| task | architecture | derived n | z mean | z min | z max | det @1e-3 | det @verify | "
-              "innocent n | z mean | z min | z max | FP @1e-3 | FP @verify | trials | trial z max | trials p<1e-3 |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    f = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
-    for r in prov["rows"]:
-        d, i = r["derived"], r["innocent"]
-        lines.append(f"| {r['task']} | {r['arch']} | {d['n']} | {f(d['z_mean'])} | {f(d['z_min'])} | {f(d['z_max'])} | "
-                     f"{f(r['detection_rate_fpr_1e-3'], '.0%')} | {f(r['detection_rate_verify_default'], '.0%')} | "
-                     f"{i['n']} | {f(i['z_mean'])} | {f(i['z_min'])} | {f(i['z_max'])} | "
-                     f"{r['innocent_flagged_at_threshold'] if i['n'] else '-'} | "
-                     f"{r['innocent_flagged_at_verify_default'] if i['n'] else '-'} | "
-                     f"{r['innocent_trials']['n'] or '-'} | {f(r['innocent_trials']['z_max'])} | "
-                     f"{r['innocent_trials_at_p_1e-3'] if r['innocent_trials']['n'] else '-'} |")
-    if prov["skipped_without_statistic"]:
-        lines.append(f"\n{prov['skipped_without_statistic']} run(s) gave non-finite outputs: no statistic, left out.")
-    return lines
 
 
 def teacher_verdict(served: Path, source: Path, probes: int, null_keys: int) -> dict:

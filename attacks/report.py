@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import provenance
+from . import detection
 from .plots import image_grid, tradeoff_curve
 
 
@@ -64,7 +64,7 @@ def summarize(results: list[dict]) -> dict:
             "conventions": t.get("conventions"),
         })
         rows[-1].update(competence(groups, task, baseline, attacker, student))
-    return {"schema": "attacks.report/3", "rows": rows, "provenance": provenance.table(results)}
+    return {"schema": "attacks.report/3", "rows": rows, "provenance": detection.table(results)}
 
 
 BOOTSTRAP_SAMPLES = 2000
@@ -170,7 +170,7 @@ def write_report(summary: dict, out: Path, results: list[dict] | None = None) ->
                      f"{_fmt(r['student_psnr_drop_std'], '.2f')} | {_ci_text(r)} | "
                      f"{_fmt(r['student_ssim_drop_pct'], '.1f')} | "
                      f"{r['teacher_psnr_drop']:.3f} |")
-    lines += provenance.markdown(summary["provenance"]) if summary.get("provenance") else []
+    lines += detection.markdown(summary["provenance"]) if summary.get("provenance") else []
     if results:
         pictures = draw(summary, results, out)
         lines += ["", "## Pictures", ""] + [f"- `{p}`" for p in pictures]

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from attacks import provenance
+from attacks import detection, provenance
 from attacks import runner as runner_mod
 from attacks.oracle import Oracle
 from attacks.schema import SuiteError
@@ -84,10 +84,12 @@ def test_every_run_has_a_verdict_and_the_report_a_provenance_table(finished):
     rows = {r["arch"]: r for r in prov["rows"]}
     assert set(rows) == {"tiny", "teacher (served)"}
     assert rows["tiny"]["derived"]["n"] == 2 and rows["tiny"]["innocent"]["n"] == 3
-    # served teachers: the two suite-key ones are derived, the source and the other-key one innocent
-    assert rows["teacher (served)"]["derived"]["n"] == 2 and rows["teacher (served)"]["innocent"]["n"] == 2
+    # served teachers: the two suite-key ones are derived, the other-key one innocent; the source itself
+    # (residual exactly 0 against itself) is no test and is left out
+    assert rows["teacher (served)"]["derived"]["n"] == 2 and rows["teacher (served)"]["innocent"]["n"] == 1
     assert rows["teacher (served)"]["detection_rate_verify_default"] == 1.0
-    assert prov["thresholds"]["sr2"]["innocents"] == 5 and prov["thresholds"]["sr2"]["z"] >= provenance.GAUSS_Z
+    assert {json.loads(f.read_text())["teacher_provenance"]["residual_rms"] == 0 for f in files} == {True, False}
+    assert prov["thresholds"]["sr2"]["innocents"] == 4 and prov["thresholds"]["sr2"]["z"] >= detection.GAUSS_Z
     md = (out / "report.md").read_text()
     assert "## Provenance" in md and "| sr2 | tiny | 2 |" in md and "Gaussian tail" in md
     assert "generate_key(seed=1101)" in md
@@ -182,11 +184,11 @@ def test_schema_limits_and_plan(tmp_path):
 
 
 def test_threshold_and_detection_rates():
-    z = provenance.GAUSS_Z
-    assert provenance.threshold([0.1, -1.0])[0] == z
-    assert provenance.threshold([0.1, 4.0])[0] == 4.0  # an innocent above 3.09 raises the threshold
+    z = detection.GAUSS_Z
+    assert detection.threshold([0.1, -1.0])[0] == z
+    assert detection.threshold([0.1, 4.0])[0] == 4.0  # an innocent above 3.09 raises the threshold
     many = list(np.linspace(-3, 3, 2000))
-    t, rule = provenance.threshold(many)
+    t, rule = detection.threshold(many)
     assert t == sorted(many)[-3] and rule.startswith("empirical")  # floor(2000e-3) = 2 allowed above
     assert sum(v > t for v in many) / len(many) <= 1e-3
 
@@ -196,13 +198,13 @@ def test_threshold_and_detection_rates():
     results = [run("innocent", "tiny", 0.5), run("innocent", "tiny", -0.2), run("innocent", "edsr", 1.0),
                run("derived", "tiny", 2.0), run("derived", "tiny", 3.5), run("derived", "tiny", 6.0, True),
                run("derived", "edsr", float("nan"))]
-    table = provenance.table(results)
+    table = detection.table(results)
     rows = {r["arch"]: r for r in table["rows"]}
     assert rows["tiny"]["derived"]["n"] == 3 and rows["tiny"]["detection_rate_fpr_1e-3"] == pytest.approx(2 / 3)
     assert rows["tiny"]["detection_rate_verify_default"] == pytest.approx(1 / 3)
     assert rows["tiny"]["innocent"]["z_max"] == 0.5 and rows["edsr"]["derived"]["n"] == 0
     assert table["skipped_without_statistic"] == 1
-    assert "| sr2 | tiny | 3 | 3.83 | 2.00 | 6.00 | 67% | 33% | 2 |" in "\n".join(provenance.markdown(table))
+    assert "| sr2 | tiny | 3 | 3.83 | 2.00 | 6.00 | 67% | 33% | 2 |" in "\n".join(detection.markdown(table))
 
 
 def test_candidate_key_trials_in_a_run_and_in_the_table(finished):
@@ -234,14 +236,14 @@ def test_candidate_key_trials_in_a_run_and_in_the_table(finished):
         return {"task": "sr2", "student_arch": "tiny", "provenance_label": label, "teacher_file_sha256": "s",
                 "provenance": {"z": zv, "derived": False, "candidate_z": cz}, "teacher_provenance": None}
     grid = list(np.linspace(-3, 3.5, 500))
-    table = provenance.table([run("innocent", 0.2, grid), run("derived", 5.0, grid)])
+    table = detection.table([run("innocent", 0.2, grid), run("derived", 5.0, grid)])
     t = table["thresholds"]["sr2"]
     assert t["innocent_trials"] == 1000 and t["innocents"] == 1 and t["rule"].startswith("empirical")
     assert t["z"] == sorted(grid + grid + [0.2])[-2]  # floor(1001e-3) = 1 allowed above
     row = table["rows"][0]
     assert row["innocent_trials"]["n"] == 1000 and row["innocent_trials_at_p_1e-3"] == 2 * sum(
-        z >= provenance.GAUSS_Z for z in grid)
-    assert "candidate-key innocent trials" in "\n".join(provenance.markdown(table))
+        z >= detection.GAUSS_Z for z in grid)
+    assert "candidate-key innocent trials" in "\n".join(detection.markdown(table))
 
 
 # ------------------------------------------------------------------------------------ innocent trials

@@ -85,6 +85,12 @@ def pooled(dot: np.ndarray, energy: np.ndarray, r_energy: np.ndarray, size: int)
     return {"rho": rho, "amplitude": dot / energy, "residual_rms": math.sqrt(r_total / size)}
 
 
+def each_against_nulls(rho: np.ndarray, amplitude: np.ndarray, count: int, alpha: float) -> list[dict]:
+    """:func:`statistic` of each of the first ``count`` keys, each against the same null keys (the rest)."""
+    return [statistic(np.concatenate([rho[i:i + 1], rho[count:]]),
+                      np.concatenate([amplitude[i:i + 1], amplitude[count:]]), alpha) for i in range(count)]
+
+
 def _gauss_tail(z: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2.0))
 
