@@ -153,6 +153,22 @@ def run(suite_file, quick, out, no_progress, executor, workers, threads, schedul
         sys.exit(4)
 
 
+REPORT_HELP = """\
+Write OUT/report.{json,md} again from the run files in OUT/runs, as they were recorded: nothing is rerun,
+whatever code or suite made them (each run file keeps its own configuration and code version).  Use it
+after the report's code changes, or for a folder whose suite is gone.  Every run file in OUT/runs is
+reported, so the folder must hold one run per cell (task, defence, attacker, student, seed): two runs of a
+cell (say, made by two code versions) are an error naming both.  The pictures are drawn again only where
+the runs' images are still in OUT/images.
+
+\b
+Example:
+  attack report attacks/results/cpu-2026-12-02/provenance_tasks_edsr
+
+Exit codes: 0 written; 2 no run files, a file that is not a run, or two runs of a cell.
+"""
+
+
 ADVERSARIAL_HELP = """\
 White-box PSNR attack on MODEL: how far can a small input perturbation drag its output away from the clean
 image?  MODEL is an ONNX file or an entry name: a task's bundled teacher (sr2, sr4, denoise, lowlight,
@@ -191,6 +207,23 @@ def _csv(text: str, cast, what: str) -> list:
     if not values:
         raise click.UsageError(f"{what}: empty")
     return values
+
+
+@main.command(help=REPORT_HELP)
+@click.argument("out", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def report(out):
+    from .report import recorded_runs
+
+    try:
+        results = recorded_runs(out)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    pictures = all((out / r[k]).is_file() for r in results for k in ("image", "input_image", "truth_image")
+                   if r.get(k))
+    write_report(summarize(results), out, results if pictures else None)
+    click.echo((out / "report.md").read_text())
+    if not pictures:
+        click.echo(f"attack: note: images of these runs are not in {out / 'images'}: no pictures drawn", err=True)
 
 
 @main.command(help=ADVERSARIAL_HELP)

@@ -1,7 +1,8 @@
-"""An attack suite's report, from its finished runs (:meth:`attacks.runner.Runner.collect`): per task, defence,
-attacker and student, the teacher's PSNR with and without the defence (the cost) and each student's PSNR next
-to the same student distilled from the baseline teacher (the protection), with a paired bootstrap interval
-over seeds x images and a competence check of the attacker; ``OUT/report.json``, ``OUT/report.md``, an image
+"""An attack suite's report, from its finished runs (:meth:`attacks.runner.Runner.collect`, or for `attack
+report` every run file of a folder as recorded, :func:`recorded_runs`): per task, defence, attacker and
+student, the teacher's PSNR with and without the defence (the cost) and each student's PSNR next to the same
+student distilled from the baseline teacher (the protection), with a paired bootstrap interval over seeds x
+images and a competence check of the attacker; ``OUT/report.json``, ``OUT/report.md``, an image
 grid per task and the trade-off curve.  Redrawing a report never reruns anything (this module is not part of
 a run's identity).
 """
@@ -68,6 +69,32 @@ def summarize(results: list[dict]) -> dict:
 
 
 BOOTSTRAP_SAMPLES = 2000
+
+
+def recorded_runs(out: Path) -> list[dict]:
+    """Every run file in ``OUT/runs`` as recorded (``attack report``); ValueError, in one line, if there is
+    none, a file is not a run, or two files are runs of the same cell (task, defence, attacker, student,
+    seed)."""
+    from .runner import RUN_SCHEMA
+
+    files = sorted((Path(out) / "runs").glob("*.json"))
+    if not files:
+        raise ValueError(f"no run files in {Path(out) / 'runs'}")
+    results, cells = [], {}
+    for file in files:
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{file} is not readable JSON ({type(exc).__name__})") from None
+        if not isinstance(data, dict) or data.get("schema") != RUN_SCHEMA:
+            raise ValueError(f"{file} is not a run file of schema {RUN_SCHEMA}")
+        cell = (data["task"], data["defence"]["name"], data["attacker"]["name"], data["student"], data["seed"])
+        if cell in cells:
+            raise ValueError(f"two runs of the cell {'/'.join(map(str, cell))}: {cells[cell].name} and {file.name} "
+                             "(remove the one not to report)")
+        cells[cell] = file
+        results.append(data)
+    return results
 
 
 def paired_bootstrap(drops: list, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list[float] | None:

@@ -79,6 +79,35 @@ def test_unchanged_rerun_reuses_runs_and_teachers(tmp_path):
     assert again == first
 
 
+def test_attack_report_rewrites_the_report_from_the_run_files_alone(tmp_path):
+    """`attack report OUT`: the same report from the recorded runs, nothing rerun, whatever code made them."""
+    run(tiny_suite(), tmp_path)
+    expected = json.loads((tmp_path / "report.json").read_text())
+    (tmp_path / "report.json").unlink()
+    f = sorted((tmp_path / "runs").glob("*.json"))[0]
+    data = json.loads(f.read_text())
+    data["config"]["attacks"]["source_sha256"] = "0" * 64  # as if made by other code: still reported
+    f.write_text(json.dumps(data))
+    runs = stamps(tmp_path / "runs")
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "report.json").read_text()) == expected and "# Attack report" in result.output
+    assert stamps(tmp_path / "runs") == runs
+    # two runs of one cell: a usage error naming both, and nothing written
+    shutil.copy(f, f.with_name("copy.json"))
+    (tmp_path / "report.json").unlink()
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "two runs of the cell sr2/" in result.output and "copy.json" in result.output
+    assert not (tmp_path / "report.json").exists()
+    f.with_name("copy.json").write_text("{}")
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a run file" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["report", str(empty)])
+    assert result.exit_code == 2 and "no run files" in result.output and "Traceback" not in result.output
+
+
 def test_a_run_file_that_disagrees_with_its_configuration_is_rerun(tmp_path):
     runner, first, _ = run(tiny_suite(), tmp_path)
     (file,) = [p for p in (tmp_path / "runs").glob("sr2__none__*.json")]
