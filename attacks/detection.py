@@ -29,7 +29,7 @@ def threshold(innocent_z: list[float]) -> tuple[float | None, str]:
     if n >= EMPIRICAL_MIN:
         k = int(math.floor(FPR * n))  # innocents allowed above the threshold
         t = sorted(innocent_z, reverse=True)[k]
-        return t, f"empirical: the {k + 1}-th largest of {n} innocent z (detected when z > it)"
+        return t, f"empirical: innocent z number {k + 1} from the top of {n} ({k} allowed above; detected when z > it)"
     if n == 0:
         return GAUSS_Z, f"Gaussian tail z = {GAUSS_Z:.2f} (no innocents to check it against)"
     top = max(innocent_z)
