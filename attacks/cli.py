@@ -165,7 +165,8 @@ the runs' images are still in OUT/images.
 Example:
   attack report attacks/results/cpu-2026-12-02/provenance_tasks_edsr
 
-Exit codes: 0 written; 2 no run files, a file that is not a run, or two runs of a cell.
+Exit codes: 0 written; 2 no run files, a file that is not a run, or two runs of a cell; 4 the report
+could not be written.
 """
 
 
@@ -220,7 +221,11 @@ def report(out):
         raise click.UsageError(str(exc)) from None
     pictures = all((out / r[k]).is_file() for r in results for k in ("image", "input_image", "truth_image")
                    if r.get(k))
-    write_report(summarize(results), out, results if pictures else None)
+    try:
+        write_report(summarize(results), out, results if pictures else None)
+    except OSError as exc:
+        click.echo(f"attack: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
+        sys.exit(4)
     click.echo((out / "report.md").read_text())
     if not pictures:
         click.echo(f"attack: note: images of these runs are not in {out / 'images'}: no pictures drawn", err=True)

@@ -88,7 +88,11 @@ def recorded_runs(out: Path) -> list[dict]:
             raise ValueError(f"{file} is not readable JSON ({type(exc).__name__})") from None
         if not isinstance(data, dict) or data.get("schema") != RUN_SCHEMA:
             raise ValueError(f"{file} is not a run file of schema {RUN_SCHEMA}")
-        cell = (data["task"], data["defence"]["name"], data["attacker"]["name"], data["student"], data["seed"])
+        try:
+            cell = (data["task"], data["defence"]["name"], data["attacker"]["name"], data["student"], data["seed"])
+        except (KeyError, TypeError):
+            raise ValueError(f"{file} is not a complete run file (no task, defence, attacker, student or seed)") \
+                from None
         if cell in cells:
             raise ValueError(f"two runs of the cell {'/'.join(map(str, cell))}: {cells[cell].name} and {file.name} "
                              "(remove the one not to report)")

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from attacks.config import BUNDLED
-
-Z_1E3 = 3.090232306167813  # P(Z >= z) = 1e-3
+from attacks.detection import GAUSS_Z as Z_1E3  # P(Z >= z) = 1e-3
 
 
 def load(folders: list[Path]) -> list[dict]:

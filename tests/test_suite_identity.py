@@ -102,6 +102,9 @@ def test_attack_report_rewrites_the_report_from_the_run_files_alone(tmp_path):
     f.with_name("copy.json").write_text("{}")
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "is not a run file" in result.output
+    f.with_name("copy.json").write_text(json.dumps({"schema": data["schema"], "task": "sr2"}))
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a complete run file" in result.output
     empty = tmp_path / "empty"
     empty.mkdir()
     result = CliRunner().invoke(main, ["report", str(empty)])
