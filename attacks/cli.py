@@ -32,6 +32,12 @@ Example suite file:
 """
 
 
+def _fail(exc: Exception, code: int = 4):
+    """One line naming the error, then exit ``code`` (never a traceback)."""
+    click.echo(f"attack: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
+    sys.exit(code)
+
+
 def _run_help() -> str:
     """``attack run --help``, generated from the registries and the suite schema (never hand-kept)."""
     from .degrade import TASKS
@@ -141,8 +147,7 @@ def run(suite_file, quick, out, no_progress, executor, workers, threads, schedul
         click.echo(f"attack: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except (OSError, RuntimeError, ValueError, ImportError) as exc:
-        click.echo(f"attack: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
-        sys.exit(4)
+        _fail(exc)
     if foreign:
         click.echo(f"attack: note: {len(foreign)} run file(s) in {out / 'runs'} belong to other configurations "
                    "(another suite, or changed parameters or code) and are not in this report", err=True)
@@ -224,8 +229,7 @@ def report(out):
     try:
         write_report(summarize(results), out, results if pictures else None)
     except OSError as exc:
-        click.echo(f"attack: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
-        sys.exit(4)
+        _fail(exc)
     click.echo((out / "report.md").read_text())
     if not pictures:
         click.echo(f"attack: note: images of these runs are not in {out / 'images'}: no pictures drawn", err=True)

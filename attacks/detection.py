@@ -77,7 +77,8 @@ def trials(results: list[dict]) -> dict[tuple[str, str], list[float]]:
 def table(results: list[dict]) -> dict:
     """The provenance rows: per task and architecture, derived vs innocent z and detection rates.  The
     task's threshold comes from its innocent models and its candidate-key innocent trials together."""
-    obs = [o for o in observations(results) if o["z"] is not None]
+    every = observations(results)
+    obs = [o for o in every if o["z"] is not None]
     by_trial = trials(results)
     rows, thresholds = [], {}
     for task in sorted({o["task"] for o in obs}):
@@ -104,7 +105,7 @@ def table(results: list[dict]) -> dict:
                          "innocent_flagged_at_threshold": sum(o["z"] > t for o in i),
                          "innocent_flagged_at_verify_default": sum(o["derived_at_default"] for o in i)})
     return {"key": key_record("suite"), "fpr": FPR, "thresholds": thresholds, "rows": rows,
-            "skipped_without_statistic": sum(1 for o in observations(results) if o["z"] is None)}
+            "skipped_without_statistic": len(every) - len(obs)}
 
 
 def markdown(prov: dict) -> list[str]:

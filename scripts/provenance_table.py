@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from attacks.config import BUNDLED
+from attacks import detection
 from attacks.detection import GAUSS_Z as Z_1E3  # P(Z >= z) = 1e-3
 
 
@@ -60,7 +61,7 @@ def rows(runs: list[dict]) -> list[dict]:
         psnr = [r["student_metrics"]["psnr"] for r in mark]
         amp = [r["provenance"]["amplitude_over_eps"] for r in mark]
         cost = {round(r["teacher_original"]["psnr"] - r["teacher_served"]["psnr"], 3) for r in mark}
-        trials = [t for r in mark + none for t in (r["provenance"].get("candidate_z") or [])]
+        trials = [t for zs in detection.trials(mark + none).values() for t in zs]
         out.append({
             "task": task, "student": student, "seeds": [r["seed"] for r in mark],
             "mark_cost": sorted(cost), "psnr": psnr, "z": z,

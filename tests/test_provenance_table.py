@@ -12,7 +12,7 @@ spec.loader.exec_module(pt)
 
 
 def _run(task, student, seed, mark, z, cand, psnr=30.0, served=32.95, derived=None):
-    return {"task": task, "student": student, "seed": seed,
+    return {"task": task, "student": student, "student_arch": student, "seed": seed,
             "defence": {"name": "mark" if mark else "none", "mark": mark, "mark_key": "suite"},
             "attacker": {"name": "naive"}, "student_metrics": {"psnr": psnr},
             "teacher_original": {"psnr": 33.0}, "teacher_served": {"psnr": served if mark else 33.0},
